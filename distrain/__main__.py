@@ -1,0 +1,7 @@
+"""`python -m distrain ...` is the same as the `distrain` command."""
+
+import sys
+
+from distrain.cli import main
+
+sys.exit(main())

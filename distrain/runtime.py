@@ -1,0 +1,78 @@
+"""Connecting to Ray: the cluster named by RAY_ADDRESS, or an embedded local one that keeps to loopback.
+
+Usage:
+    from distrain import runtime
+    runtime.connect()                 # RAY_ADDRESS (or `ray start`'s cluster) if set, else a local cluster
+    runtime.cluster_summary()         # {'nodes': 1, 'CPU': 2.0, 'GPU': 0.0, ...}
+
+Why this module exists: Ray phones home at start even when offline (a usage report, sent even when usage stats
+are disabled, and cloud-metadata probes from the dashboard). An embedded cluster that distrain starts on a user's
+machine should not do that, so `quiet_ray_env()` points the report at loopback and `isolated_home()` gives Ray's
+processes a HOME whose `ray_bootstrap_config.yaml` says `provider: local` (the dashboard skips its cloud probes
+then). The Makefile, the tests and the demo use both; clusters that users start themselves keep their settings.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Environment that keeps Ray's start-up traffic on this machine. Values already set by the user win.
+QUIET_RAY_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_USAGE_STATS_REPORT_URL": "http://127.0.0.1:1/",
+    "RAY_USAGE_STATS_PROMPT_ENABLED": "0",
+    # Train V2 is the default in the Ray we pin; say so explicitly so a future default change cannot surprise us.
+    "RAY_TRAIN_V2_ENABLED": "1",
+    # Ray's dashboard otherwise warns (and waits) on machines with few CPUs.
+    "RAY_DISABLE_DOCKER_CPU_WARNING": "1",
+    "RAY_DEDUP_LOGS": "1",
+}
+
+BOOTSTRAP_CONFIG = "# Written by distrain: a local cluster, so Ray skips its cloud-metadata probes.\nprovider:\n  type: local\n"
+
+
+def quiet_ray_env() -> dict[str, str]:
+    """Set QUIET_RAY_ENV in os.environ (without overriding the user's values); returns what is in effect."""
+    for key, value in QUIET_RAY_ENV.items():
+        os.environ.setdefault(key, value)
+    return {k: os.environ[k] for k in QUIET_RAY_ENV}
+
+
+def isolated_home(path: str | Path) -> Path:
+    """Make `path` a HOME for Ray processes: create it and its `ray_bootstrap_config.yaml`, set os.environ['HOME']."""
+    home = Path(path).absolute()
+    home.mkdir(parents=True, exist_ok=True)
+    bootstrap = home / "ray_bootstrap_config.yaml"
+    if not bootstrap.exists():
+        bootstrap.write_text(BOOTSTRAP_CONFIG)
+    os.environ["HOME"] = str(home)
+    return home
+
+
+def connect(num_cpus: int | None = None, num_gpus: int | None = None, object_store_gb: float = 2.0,
+            log_to_driver: bool = True):
+    """Connect to the cluster in RAY_ADDRESS, or start a local one; returns ray (already initialised)."""
+    quiet_ray_env()
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=log_to_driver)
+    else:
+        # Cap the object store: /dev/shm is large here and the default would take memory workers need.
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, object_store_memory=int(object_store_gb * 1024**3),
+                 include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=log_to_driver)
+    return ray
+
+
+def cluster_summary() -> dict:
+    """Nodes alive and total resources of the connected cluster."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    total = ray.cluster_resources()
+    return {"nodes": len(nodes), "CPU": float(total.get("CPU", 0)), "GPU": float(total.get("GPU", 0)),
+            "memory_gb": round(total.get("memory", 0) / 1024**3, 1)}
