@@ -9,8 +9,13 @@ Usage:
 Layout of `manifest.json` (format `distrain-shards/1`):
     {"format": "distrain-shards/1", "classes": [...],
      "splits": {"train": {"num_samples": N, "shards": [{"url": "train/train-000000.tar", "num_samples": n,
-                                                        "bytes": b, "sha256": "..."}, ...]}, ...},
-     "skipped": [{"path": "...", "reason": "..."}], "source": "...", "created": "...", "options": {...}}
+                                                        "bytes": b, "sha256": "..."}, ...],
+                          "class_counts": [n_0, n_1, ...]}, ...},
+     "skipped": [{"path": "...", "reason": "..."}], "ignored": {"hidden": n, ...},
+     "source": "...", "created": "...", "options": {...}}
+`class_counts` (samples per class index) and `ignored` (inputs left out by rule, e.g. hidden files) are
+optional.
+Next to it, `_info.json` describes the same shards in the layout timm's WebDataset reader reads (`timm_info`).
 Shard URLs are relative to the manifest's folder, so a shards folder can be moved or uploaded to a bucket as it is;
 absolute URLs (`s3://...`) are kept as they are. The manifest is written last, so one that exists names only
 complete shards.
@@ -24,6 +29,7 @@ from typing import Any
 
 FORMAT = "distrain-shards/1"
 MANIFEST_NAME = "manifest.json"
+INFO_NAME = "_info.json"  # the same shards described for timm's WebDataset reader
 
 
 class ManifestError(ValueError):
@@ -42,6 +48,7 @@ class ShardInfo:
 class SplitInfo:
     num_samples: int
     shards: list[ShardInfo] = field(default_factory=list)
+    class_counts: list[int] = field(default_factory=list)  # samples per class index; [] when unknown
 
 
 @dataclass
@@ -53,6 +60,7 @@ class Manifest:
     created: str = ""
     options: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
+    ignored: dict[str, int] = field(default_factory=dict)  # inputs left out by rule (hidden, extension)
     location: str = ""  # the folder this manifest was read from (not saved)
 
     @property
@@ -78,7 +86,7 @@ class Manifest:
     def to_json(self) -> str:
         d = asdict(self)
         d.pop("location")
-        order = ["format", "classes", "splits", "skipped", "source", "created", "options"]
+        order = ["format", "classes", "splits", "skipped", "ignored", "source", "created", "options"]
         return json.dumps({k: d[k] for k in order}, indent=2)
 
 
@@ -96,8 +104,7 @@ def resolve_url(base: str, url: str) -> str:
 def manifest_location(path: str) -> tuple[str, str]:
     """(folder, manifest URL) for a folder or a manifest.json path/URL."""
     path = str(path)
-    if path.startswith("file://"):
-        path = path[len("file://"):]
+    path = path.removeprefix("file://")
     if path.endswith(".json"):
         folder = path.rsplit("/", 1)[0] if "/" in path else "."
         return folder, path
@@ -107,11 +114,13 @@ def manifest_location(path: str) -> tuple[str, str]:
 def from_dict(d: dict, location: str = "") -> Manifest:
     try:
         splits = {name: SplitInfo(num_samples=int(s["num_samples"]),
-                                  shards=[ShardInfo(**sh) for sh in s.get("shards", [])])
+                                  shards=[ShardInfo(**sh) for sh in s.get("shards", [])],
+                                  class_counts=[int(c) for c in s.get("class_counts", [])])
                   for name, s in d["splits"].items()}
         return Manifest(classes=list(d["classes"]), splits=splits, skipped=list(d.get("skipped", [])),
                         source=d.get("source", ""), created=d.get("created", ""), options=d.get("options", {}),
-                        format=d.get("format", FORMAT), location=location)
+                        format=d.get("format", FORMAT), ignored=dict(d.get("ignored", {})),
+                        location=location)
     except (KeyError, TypeError) as e:
         raise ManifestError(f"{location or 'manifest'}: malformed manifest ({e!r})") from None
 
@@ -149,3 +158,18 @@ def save_manifest(manifest: Manifest, folder: str) -> str:
         with fs.open(fs_path, "w") as f:  # object stores: a PUT is atomic
             f.write(text)
     return url
+
+
+def timm_info(manifest: Manifest, name: str = "") -> dict:
+    """The `_info.json` that timm's WebDataset reader (`timm.data.create_dataset("wds/NAME", root=DIR,
+    split=...)`) reads: per split its name, sample count, shard file names relative to the folder and their
+    lengths."""
+    return {
+        "name": name,
+        "num_classes": manifest.num_classes,
+        "classes": list(manifest.classes),
+        "splits": {split: {"name": split, "num_samples": info.num_samples,
+                           "filenames": [s.url for s in info.shards],
+                           "shard_lengths": [s.num_samples for s in info.shards]}
+                   for split, info in manifest.splits.items()},
+    }
