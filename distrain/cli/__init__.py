@@ -50,8 +50,11 @@ def config_from_args(args: argparse.Namespace):
 
 def emit_json(figures: dict) -> None:
     """The last line of a command that produces figures: one JSON object."""
-    sys.stdout.flush()
-    print(json.dumps(figures, default=str), flush=True)
+    try:
+        sys.stdout.flush()
+        print(json.dumps(figures, default=str), flush=True)
+    except BrokenPipeError:  # `distrain ... | head` closed the pipe: not an error of ours
+        sys.stderr.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
