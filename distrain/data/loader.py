@@ -1,0 +1,164 @@
+"""create_loader: a rank's DataLoader over a shard split, with equal steps on every rank and a resumable position.
+
+Usage:
+    from distrain.data import create_loader
+    loader = create_loader("data/fashion-mnist", "train", rank=rank, world_size=world, batch_size=64,
+                           loader_workers=2, image_size=64, aug_strength=0.3, seed=0)
+    for epoch in range(start, epochs):
+        loader.set_epoch(epoch)                       # before iterating: reseeds shard order, buffer, augmentation
+        for batch in loader:                          # exactly len(loader) batches, on every rank
+            ...
+        loader.decode_errors, loader.dropped          # undecodable samples of this epoch (counted, named)
+    state = loader.position()                         # {'epoch': e, 'seed': s, ...} for the checkpoint
+
+A DataLoader (worker processes with one thread each) is built per epoch, so set_epoch always reaches the workers;
+starting processes per epoch costs milliseconds against epochs of minutes. Workers decode and batch; the main
+process only receives finished uint8 batches (pinned when CUDA is present).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from distrain.data.dataset import Batch, ShardStream, WorkerFailure
+from distrain.data.plan import PlanError, make_plan
+from distrain.data.sources import DataError, resolve_source
+
+
+def _worker_init(_: int) -> None:
+    # One thread per worker: the workers are the parallelism; nested thread pools only oversubscribe the cores.
+    import cv2
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)  # safe after fork: see decode._stop_pool_for_fork
+    cv2.ocl.setUseOpenCL(False)
+
+
+class Loader:
+    """Iterable of Batch for one rank; `len()` is the same on every rank (see distrain.data.plan)."""
+
+    def __init__(self, dataset: ShardStream, loader_workers: int = 1, pin_memory: bool | None = None,
+                 prefetch_factor: int = 2, multiprocessing_context: Any = None, timeout: float = 0):
+        self.dataset = dataset
+        self.loader_workers = max(0, int(loader_workers))
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.prefetch_factor = prefetch_factor
+        self.multiprocessing_context = multiprocessing_context
+        self.timeout = timeout
+        self.decode_errors = 0               # this epoch so far
+        self.dropped: list[str] = []         # 'shard_url#key' of this epoch's undecodable samples
+
+    # ---------------------------------------------------------------------------------------- properties
+
+    @property
+    def classes(self) -> list[str] | None:
+        return self.dataset.shards.classes
+
+    @property
+    def num_classes(self) -> int | None:
+        return len(self.classes) if self.classes is not None else None
+
+    @property
+    def epoch(self) -> int:
+        return self.dataset.epoch
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Train: samples consumed per epoch across all ranks. Val: samples evaluated (each exactly once)."""
+        return self.dataset.plan().samples_per_epoch
+
+    def __len__(self) -> int:
+        return self.dataset.plan().batches_per_rank
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(int(epoch))
+
+    def position(self) -> dict:
+        """What a resumed run needs to continue the same sequence of epochs."""
+        d = self.dataset
+        return {"epoch": d.epoch, "seed": d.seed, "world_size": d.world_size, "batch_size": d.batch_size,
+                "samples_per_epoch": self.samples_per_epoch, "batches_per_epoch": len(self)}
+
+    # ---------------------------------------------------------------------------------------- iteration
+
+    def _dataloader(self) -> DataLoader:
+        workers = self.loader_workers
+        return DataLoader(self.dataset, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
+                          worker_init_fn=_worker_init if workers else None,
+                          prefetch_factor=self.prefetch_factor if workers else None,
+                          multiprocessing_context=self.multiprocessing_context if workers else None,
+                          timeout=self.timeout if workers else 0, persistent_workers=False)
+
+    def __iter__(self) -> Iterator[Batch]:
+        self.decode_errors, self.dropped = 0, []
+        expected, count = len(self), 0
+        for batch in self._dataloader():
+            if isinstance(batch, WorkerFailure):
+                raise DataError(batch.message)
+            self.decode_errors += batch.decode_errors
+            self.dropped.extend(batch.dropped)
+            count += 1
+            yield batch
+        if count != expected:  # the plan guarantees this; a mismatch would hang DDP, so never continue silently
+            raise RuntimeError(f"rank {self.dataset.rank} yielded {count} batches, the plan says {expected}")
+
+
+def create_loader(source: Any, split: str = "train", *, train: bool = True, rank: int = 0, world_size: int = 1,
+                  batch_size: int = 64, loader_workers: int = 1, image_size: int = 224, aug_strength: float = 0.3,
+                  seed: int = 0, epoch: int = 0, limit: int = 0, shuffle_buffer: int = 1000,
+                  num_samples: int | None = None, crop_pct: float = 0.875, storage_options: dict | None = None,
+                  pin_memory: bool | None = None, check_urls: bool = True, multiprocessing_context: Any = None,
+                  timeout: float = 0) -> Loader:
+    """A rank's Loader over `split` of `source`.
+
+    source: a shards folder or manifest.json (path or fsspec URL), a Manifest, or shard URLs (a list, a brace
+        pattern such as 's3://b/train-{000000..000099}.tar'). Raw URL lists are counted once here unless
+        `num_samples` is given (training then resamples, see plan.py; validation always counts).
+    train: True = shuffled, augmented, equal full batches; False = manifest order, center crop, exact once with
+        padding (`Batch.valid`).
+    limit: use at most this many samples per epoch, taken from every shard in proportion (0 = all).
+    crop_pct: evaluation (and strength 0) crop = this fraction of the shorter side, resized to image_size.
+    Missing shards fail here, naming the URL. Every rank must pass the same arguments except `rank`.
+    """
+    if isinstance(source, Path):
+        source = str(source)
+    if not train and num_samples is not None:
+        num_samples = None  # exact-once validation needs per-shard counts: always count raw URL lists
+    shards = resolve_source(source, split, num_samples=num_samples, storage_options=storage_options,
+                            check=check_urls)
+    dataset = ShardStream(shards, train=train, rank=rank, world_size=world_size, batch_size=batch_size,
+                          image_size=image_size, aug_strength=aug_strength, seed=seed, epoch=epoch, limit=limit,
+                          shuffle_buffer=shuffle_buffer, crop_pct=crop_pct,
+                          num_classes=len(shards.classes) if shards.classes else None,
+                          storage_options=storage_options)
+    if loader_workers < 0:
+        raise ValueError(f"loader_workers must be >= 0, got {loader_workers}")
+    return Loader(dataset, loader_workers, pin_memory=pin_memory, multiprocessing_context=multiprocessing_context, timeout=timeout)
+
+
+def check_shards(source: Any, split: str = "train", *, world_size: int = 1, loader_workers: int = 1,
+                 batch_size: int = 64, limit: int = 0, num_samples: int | None = None,
+                 storage_options: dict | None = None, check_urls: bool = False) -> dict:
+    """Pre-flight check on the driver, before any worker starts: can `split` give every rank a full batch?
+
+    Raises PlanError (a ValueError) saying how many samples are needed; returns the epoch's figures. Any number
+    of shards works (ranges of one shard can go to different workers), so the shard count is reported, not
+    required. `check_urls` also checks that every shard exists.
+    """
+    shards = resolve_source(source, split, num_samples=num_samples, storage_options=storage_options,
+                            check=check_urls)
+    try:
+        plan = make_plan(shards.sizes, world_size, batch_size, True, num_samples=shards.num_samples,
+                         num_shards=len(shards.urls), limit=limit)
+    except PlanError as e:
+        raise PlanError(f"{shards.location or source}: split '{split}': {e}") from None
+    workers = world_size * max(1, loader_workers)
+    return {"num_shards": len(shards.urls), "num_samples": plan.num_samples, "batches_per_rank": plan.batches_per_rank,
+            "samples_per_epoch": plan.samples_per_epoch, "skipped_per_epoch": plan.num_samples - plan.samples_per_epoch,
+            "resampled": plan.resampled, "loader_processes": workers,
+            "idle_loader_workers_per_rank": max(0, max(1, loader_workers) - plan.batches_per_rank)}
