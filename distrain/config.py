@@ -74,7 +74,7 @@ class ModelConfig:
     weights: str = opt("default", "`default` (the backbone's pretrained ImageNet weights), `none` (random init), a "
                        "torchvision weights enum name (e.g. `IMAGENET1K_V2`), or a path/URL of a .pth/.safetensors "
                        "state dict.")
-    unfreeze_depth: Union[int, str] = opt(2, "Trailing backbone stages that train: 0 = head only (linear probe), "
+    unfreeze_depth: int | str = opt(2, "Trailing backbone stages that train: 0 = head only (linear probe), "
                                           "k = the last k stages, `all` = everything.")
     dropout: float = opt(0.2, "Dropout before the new classifier.", range=(0.0, 1.0))
     head_hidden: int = opt(0, "Width of a hidden layer in the new head (0 = a single linear layer).",
@@ -126,10 +126,12 @@ class ScalingConfig:
     """How many workers, on what, and where results live."""
 
     num_workers: int = opt(2, "Ray Train workers (DDP ranks).", range=(1, None))
-    use_gpu: Union[bool, str] = opt("auto", "`auto` uses GPUs when the cluster has them (NCCL), else CPUs "
+    use_gpu: bool | str = opt("auto", "`auto` uses GPUs when the cluster has them (NCCL), else CPUs "
                                     "(gloo); true/false forces it.")
     cpus_per_worker: int = opt(0, "CPUs reserved per worker; 0 = data.loader_workers + 1.", range=(0, None))
     gpus_per_worker: float = opt(1.0, "GPUs per worker when GPUs are used.", range=(0.0, None))
+    start_retries: int = opt(3, "Times a worker group that could not get its resources (60 s each) is retried; "
+                             "autoscaling clusters need this while nodes come up. -1 = forever.", range=(-1, None))
     storage_path: str = opt("outputs", "Where runs, checkpoints and sweeps are written: a local folder (single "
                             "node), or `s3://`, `gs://` or an NFS path shared by all nodes.")
 
@@ -163,11 +165,16 @@ class WandbConfig:
                     "`disabled`.", choices=("auto", "online", "offline", "disabled"))
     project: str = opt("distrain", "W&B project.")
     entity: str = opt("", "W&B entity (team or user); empty = the key's default.")
-    dir: str = opt("", "Where W&B writes its files; empty = <storage_path>/wandb.")
+    dir: str = opt("", "Folder under which W&B writes its `wandb/` folder; empty = the run folder (files land in "
+                   "<run folder>/wandb), or a local folder under ~/.cache/distrain/wandb when the run folder is "
+                   "remote.")
+    base_url: str = opt("", "W&B server URL for self-hosted W&B; empty = WANDB_BASE_URL or the W&B cloud.")
     log_model: bool = opt(False, "Upload the final model/ folder as a W&B artifact.")
     max_misclassified: int = opt(32, "Rows in the table of misclassified validation images.", range=(0, None))
     init_timeout: float = opt(60.0, "Seconds W&B may take to start before the run continues without it.",
                               range=(1.0, None))
+    finish_timeout: float = opt(120.0, "Seconds the end of a run waits for W&B uploads; what is left stays on disk "
+                                "for `wandb sync` (0 = wait for everything).", range=(0.0, None))
 
 
 @dataclass
@@ -193,7 +200,7 @@ class Config:
                 out[f"{section}.{key}"] = value
         return out
 
-    def replace(self, overrides: dict[str, Any]) -> "Config":
+    def replace(self, overrides: dict[str, Any]) -> Config:
         """A copy with dotted-key overrides applied (values already typed or YAML strings)."""
         cfg = from_dict(self.to_dict())
         for key, value in overrides.items():

@@ -29,6 +29,9 @@ QUIET_RAY_ENV = {
     "RAY_DEDUP_LOGS": "1",
 }
 
+# Set to "0" for single-node clusters: every Ray process then binds and connects to 127.0.0.1 only.
+LOOPBACK_ENV_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
 BOOTSTRAP_CONFIG = "# Written by distrain: a local cluster, so Ray skips its cloud-metadata probes.\nprovider:\n  type: local\n"
 
 
@@ -62,10 +65,26 @@ def connect(num_cpus: int | None = None, num_gpus: int | None = None, object_sto
     if address:
         ray.init(address=address, log_to_driver=log_to_driver)
     else:
+        _loopback_only()
         # Cap the object store: /dev/shm is large here and the default would take memory workers need.
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, object_store_memory=int(object_store_gb * 1024**3),
                  include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=log_to_driver)
     return ray
+
+
+def _loopback_only() -> None:
+    """Bind a local cluster to 127.0.0.1. Ray otherwise picks the machine's outward address even for a
+    single-node cluster (it refuses loopback unless multi-node support is off, as on macOS/Windows)."""
+    os.environ.setdefault(LOOPBACK_ENV_VAR, "0")
+    if os.environ[LOOPBACK_ENV_VAR] == "0":
+        from ray._private import ray_constants  # already imported by `import ray`; read at call time
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def local_cluster_env() -> dict[str, str]:
+    """Environment for `ray start --head` of a single-node cluster that keeps to loopback (tests, demo)."""
+    return {**QUIET_RAY_ENV, LOOPBACK_ENV_VAR: "0"}
 
 
 def cluster_summary() -> dict:
