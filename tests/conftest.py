@@ -69,3 +69,28 @@ def make_image_folder(root: Path, num_classes: int = 3, per_class: int = 20, siz
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     return make_image_folder(tmp_path / "images")
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """Shards of a learnable 3-class set (40 px JPEGs, 48 per class → ~130 train / ~14 val), built once."""
+    from distrain.shards.build import BuildOptions, build_shards
+
+    root = tmp_path_factory.mktemp("tiny")
+    make_image_folder(root / "images", num_classes=3, per_class=48, size=40, seed=1)
+    out = root / "shards"
+    build_shards(str(root / "images"), str(out), BuildOptions(shard_size=24, workers=1, val_fraction=0.15))
+    return out
+
+
+def fast_train_overrides(shards: Path, storage: Path, name: str = "run", **extra) -> dict:
+    """Config overrides for a training run that takes ~30 s with 2 workers on 2 CPU cores."""
+    overrides = {
+        "data.shards": str(shards), "data.image_size": 32, "data.batch_size": 8, "data.loader_workers": 0,
+        "data.aug_strength": 0.0, "model.backbone": "mobilenet_v2", "model.unfreeze_depth": 1,
+        "optim.lr": 0.003, "optim.warmup_epochs": 0.0, "train.epochs": 2, "train.name": name,
+        "train.log_every": 5, "scaling.num_workers": 2, "scaling.storage_path": str(storage),
+        "wandb.mode": "disabled",
+    }
+    overrides.update(extra)
+    return overrides

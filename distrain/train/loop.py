@@ -14,8 +14,9 @@ unless `model.save_frozen`, plus optimizer, scheduler, grad scaler, epoch, step,
 epoch metrics, so resuming needs nothing but the checkpoint and the same config.
 
 Fault hook for tests and drills: DISTRAIN_FAULT="epoch=E,step=S,rank=R" makes that rank exit abruptly at that
-step of that (0-based) epoch; with DISTRAIN_FAULT_ONCE=/path the fault fires only while that file is absent and
-creates it, so the replacement worker carries on.
+step of that (0-based) epoch (",kind=nan" poisons its loss instead); with DISTRAIN_FAULT_ONCE=/path the fault fires
+only while that file is absent and creates it, so the replacement worker carries on. The driver forwards DISTRAIN_*
+variables to the workers.
 """
 
 from __future__ import annotations
@@ -56,18 +57,21 @@ def amp_settings(mode: str, device: torch.device) -> tuple[torch.dtype | None, b
     return torch.float16, True
 
 
-def _maybe_fault(epoch: int, step: int, rank: int) -> None:
+def _maybe_fault(epoch: int, step: int, rank: int) -> str | None:
+    """The fault hook (module docstring). Returns 'nan' when the loss should be poisoned instead of exiting."""
     spec = os.environ.get("DISTRAIN_FAULT")
     if not spec:
-        return
+        return None
     want = dict(kv.split("=") for kv in spec.split(","))
     if (int(want.get("epoch", -1)), int(want.get("step", -1)), int(want.get("rank", 0))) != (epoch, step, rank):
-        return
+        return None
     once = os.environ.get("DISTRAIN_FAULT_ONCE")
     if once:
         if Path(once).exists():
-            return
+            return None
         Path(once).write_text(f"fault at epoch={epoch} step={step} rank={rank}\n")
+    if want.get("kind") == "nan":
+        return "nan"
     say(f"injected fault: rank {rank} exits at epoch {epoch} step {step}")
     os._exit(17)
 
@@ -245,7 +249,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             loss_sum, seen, decode_errors = 0.0, 0, 0
             optimizer.zero_grad(set_to_none=True)
             for i, batch in enumerate(train_loader):
-                _maybe_fault(epoch, i, rank)
+                fault = _maybe_fault(epoch, i, rank)
                 x = to_device(batch.images, device, mean, std, channels_last=channels_last)
                 y = batch.labels.to(device, non_blocking=True)
                 x, target = mix(x, y)
@@ -255,6 +259,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 with sync_ctx:
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                         loss = criterion(ddp_model(x), target)
+                        if fault == "nan":
+                            loss = loss * float("nan")
                     scaler.scale(loss / cfg.optim.grad_accum).backward()
                 loss_sum += float(loss.detach()) * len(y)
                 seen += len(y)

@@ -256,7 +256,9 @@ def fit(cfg: Config, *, restart: bool = False, callbacks: list | None = None, jo
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
                                                checkpoint_score_attribute="val_top1",
                                                checkpoint_score_order="max"),
-            callbacks=callbacks or None),
+            callbacks=callbacks or None,
+            # Fault drills and distrain's own switches reach the workers; secrets stay out of runtime envs.
+            worker_runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("DISTRAIN_")}}),
     )
     try:
         result = trainer.fit()
