@@ -219,7 +219,7 @@ def fit(cfg: Config, *, restart: bool = False, callbacks: list | None = None, jo
     """Run (or resume) a training run to completion; returns the summary (also written to summary.json)."""
     from distrain import runtime
 
-    t_start = time.perf_counter()
+    t_start, wall_start = time.perf_counter(), time.time()
     if storage_path:
         cfg = cfg.replace({"scaling.storage_path": storage_path})
     name = run_name or cfg.train.name
@@ -229,6 +229,12 @@ def fit(cfg: Config, *, restart: bool = False, callbacks: list | None = None, jo
     cluster = runtime.cluster_summary()
     if restart:
         _remove_run(run_dir)
+    else:
+        done = finished_summary(run_dir, cfg)
+        if done is not None:
+            print(f"[distrain] {name} already finished its {cfg.train.epochs} epochs in {run_dir}; "
+                  f"use --restart to train again", flush=True)
+            return done
     facts = preflight(cfg, cluster, run_dir=run_dir, restart=restart)
 
     import ray.train
@@ -290,6 +296,9 @@ def fit(cfg: Config, *, restart: bool = False, callbacks: list | None = None, jo
         "replicas_in_sync": status.get("replicas_in_sync"),
         "decode_errors": sum(h.get("decode_errors", 0) for h in history),
         "wall_s": round(time.perf_counter() - t_start, 1),
+        # From this call's start to this call's first optimizer step (start-up cost: Ray, workers, model, data).
+        "first_step_s": (round(history[-1]["first_step_at"] - wall_start, 1)
+                         if history[-1].get("first_step_at") else None),
         "history": [{k: v for k, v in h.items() if k != "val_per_class_acc"} for h in history],
     }
     if write_outputs:
@@ -297,6 +306,19 @@ def fit(cfg: Config, *, restart: bool = False, callbacks: list | None = None, jo
             "run": name, "run_dir": run_dir, "epoch": summary["best_epoch"], "val_top1": summary["best_val_top1"]})
         with fs.open(f"{path}/summary.json", "w") as f:
             f.write(json.dumps(summary, indent=2))
+    return summary
+
+
+def finished_summary(run_dir: str, cfg: Config) -> dict | None:
+    """The summary of a run folder that already holds a finished run of this config, else None."""
+    fs, path = _fs(run_dir)
+    try:
+        summary = json.loads(fs.cat_file(f"{path}/summary.json"))
+        saved = fs.cat_file(f"{path}/config.yaml").decode()
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+    if saved != to_yaml(cfg) or summary.get("epochs", 0) < cfg.train.epochs:
+        return None
     return summary
 
 
