@@ -21,6 +21,7 @@ variables to the workers.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -33,6 +34,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from distrain.evaluate import evaluate  # the exact-once validation `distrain eval` runs too
 
 CHECKPOINT_META = "meta.json"
 CHECKPOINT_WEIGHTS = "weights.pt"
@@ -76,6 +79,11 @@ def _maybe_fault(epoch: int, step: int, rank: int) -> str | None:
     os._exit(17)
 
 
+def compute_threads(cfg, cpus_per_worker: int) -> int:
+    """Threads for a worker's compute: its CPUs minus those its loader workers use (more only thrash)."""
+    return max(1, cpus_per_worker - cfg.data.loader_workers)
+
+
 def say(message: str) -> None:
     """One line on the driver's console. Ray Train patches `print` in workers to log *and* echo, which shows
     every line twice; writing to stdout directly shows it once."""
@@ -93,51 +101,6 @@ def param_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-class _Top:
-    """The most confident misclassifications seen on this rank (image kept as uint8 for logging)."""
-
-    def __init__(self, cap: int):
-        self.cap, self.rows = cap, []
-
-    def add(self, images, labels, probs, valid, keys):
-        if self.cap <= 0:
-            return
-        conf, pred = probs.max(1)
-        wrong = (pred != labels) & valid
-        for i in torch.nonzero(wrong).flatten().tolist():
-            self.rows.append((float(conf[i]), keys[i], images[i].cpu().numpy().transpose(1, 2, 0),
-                              int(labels[i]), int(pred[i])))
-        self.rows.sort(key=lambda r: -r[0])
-        del self.rows[self.cap:]
-
-
-@torch.no_grad()
-def evaluate(model, loader, device, mean, std, amp_dtype, num_classes, channels_last, misclassified_cap=0):
-    """Exactly-once validation on this rank's share; returns the all-reduced meter and top misclassifications."""
-    from distrain.data import to_device
-    from distrain.metrics import ClassificationMeter
-
-    model.eval()
-    meter = ClassificationMeter(num_classes, device)
-    top = _Top(misclassified_cap)
-    decode_errors = 0
-    for batch in loader:
-        x = to_device(batch.images, device, mean, std, channels_last=channels_last)
-        labels = batch.labels.to(device)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(x)
-        meter.update(logits, labels, batch.valid)
-        top.add(batch.images, batch.labels, logits.float().softmax(1).cpu(), batch.valid, batch.keys)
-        decode_errors += int(batch.decode_errors)
-    meter.all_reduce()
-    rows = top.rows
-    if misclassified_cap > 0 and dist.is_available() and dist.is_initialized():
-        gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, rows)
-        rows = sorted((r for part in gathered for r in part), key=lambda r: -r[0])[:misclassified_cap]
-    return meter, rows, decode_errors
-
-
 def _all_sum(value: float, device) -> float:
     t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
@@ -145,22 +108,116 @@ def _all_sum(value: float, device) -> float:
     return float(t.item())
 
 
+class Stepper:
+    """Optimizer, schedule, AMP and the step loop of one epoch. The Ray Train loop below and the plain-torchrun
+    baseline of the benchmark (distrain/train/bench.py) both run exactly this, so the benchmark measures Ray's
+    overhead and nothing else."""
+
+    def __init__(self, cfg, model, ddp_model, device, micro_batches: int, num_classes: int):
+        from distrain.data import Mixup
+        from distrain.models import param_groups
+
+        self.cfg, self.model, self.ddp_model, self.device = cfg, model, ddp_model, device
+        self.micro_batches = micro_batches
+        groups = param_groups(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.layer_decay)
+        if cfg.optim.name == "sgd":
+            self.optimizer = torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=True)
+        else:
+            self.optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr)
+        steps_per_epoch = max(1, micro_batches // cfg.optim.grad_accum)
+        total_steps = steps_per_epoch * cfg.train.epochs
+        warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, warmup_steps, total_steps, cfg.optim.min_lr_ratio))
+        self.amp_dtype, self.use_scaler = amp_settings(cfg.train.amp, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.use_scaler)
+        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+        self.mix = Mixup(cfg.data.mixup, cfg.data.cutmix, num_classes)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.mean, self.std = model.info.mean, model.info.std
+        self.channels_last = cfg.data.channels_last and device.type == "cuda"
+        self.global_step = 0
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+    def lr(self) -> float:
+        return max(g["lr"] for g in self.optimizer.param_groups)  # the head's
+
+    def run_epoch(self, loader, epoch: int, world: int, log_every: int = 0, on_log=None, fault_hook=None) -> dict:
+        from distrain.data import to_device
+
+        cfg, device, accum = self.cfg, self.device, self.cfg.optim.grad_accum
+        self.ddp_model.train()
+        t0 = time.perf_counter()
+        t_log, seen_log = t0, 0
+        loss_sum, seen, decode_errors, first_step_at = 0.0, 0, 0, None
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, batch in enumerate(loader):
+            fault = fault_hook(i) if fault_hook else None
+            x = to_device(batch.images, device, self.mean, self.std, channels_last=self.channels_last)
+            y = batch.labels.to(device, non_blocking=True)
+            x, target = self.mix(x, y)
+            last_micro = (i + 1) % accum == 0 or i + 1 == self.micro_batches
+            # Skip the gradient all-reduce on all but the last micro-batch of an accumulated step.
+            no_sync = not last_micro and hasattr(self.ddp_model, "no_sync")
+            with self.ddp_model.no_sync() if no_sync else contextlib.nullcontext():
+                with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    loss = self.criterion(self.ddp_model(x), target)
+                    if fault == "nan":
+                        loss = loss * float("nan")
+                self.scaler.scale(loss / accum).backward()
+            loss_value = float(loss.detach())
+            loss_sum += loss_value * len(y)
+            seen += len(y)
+            decode_errors += int(batch.decode_errors)
+            if not last_micro:
+                continue
+            self.scaler.unscale_(self.optimizer)
+            # The norm is computed after the all-reduce, so it is identical on every rank: a non-finite one
+            # stops all ranks together, with no extra collective and no rank left waiting.
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.optim.grad_clip or float("inf"))
+            if not self.use_scaler and not torch.isfinite(grad_norm):
+                return {"status": "nan", "epoch": epoch, "step": self.global_step, "first_step_at": first_step_at,
+                        "message": f"loss/gradients became non-finite at epoch {epoch + 1}, step "
+                                   f"{self.global_step} (loss {loss_value:.4g})"}
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.global_step += 1
+            if first_step_at is None:
+                first_step_at = time.time()  # wall clock: the driver compares it with its own start
+            if on_log and log_every and self.global_step % log_every == 0:
+                now = time.perf_counter()
+                on_log(self.global_step, i, loss_value, (seen - seen_log) * world / max(1e-9, now - t_log),
+                       self.lr())
+                t_log, seen_log = now, seen
+        return {"status": "ok", "loss_sum": loss_sum, "seen": seen, "decode_errors": decode_errors,
+                "train_time": time.perf_counter() - t0, "first_step_at": first_step_at}
+
+
 def train_loop_per_worker(loop_config: dict) -> dict:
     import ray.train
     import ray.train.torch
 
     from distrain.config import from_dict
-    from distrain.data import Mixup, create_loader, to_device
-    from distrain.models import create_model, param_groups
+    from distrain.data import create_loader
+    from distrain.models import create_model
     from distrain.shards.manifest import load_manifest
     from distrain.tracking import start_tracker
 
     cfg = from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    # Threads: the worker's CPUs minus those its loader workers use; more threads than cores only thrash.
-    compute_threads = max(1, int(loop_config.get("cpus_per_worker", 1)) - cfg.data.loader_workers)
-    torch.set_num_threads(compute_threads)
+    threads = compute_threads(cfg, int(loop_config.get("cpus_per_worker", 1)))
+    torch.set_num_threads(threads)
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.train.seed)  # same head init on every rank (DDP also broadcasts rank 0's at wrap)
 
@@ -193,118 +250,68 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         if rank == 0:
             say(f"resuming at epoch {start_epoch + 1} (step {global_step}) from {ckpt.path}")
 
-    channels_last = cfg.data.channels_last and device.type == "cuda"
     model.to(device)
-    if channels_last:
+    if cfg.data.channels_last and device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
 
-    groups = param_groups(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.layer_decay)
-    if cfg.optim.name == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=True)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr)
-    amp_dtype, use_scaler = amp_settings(cfg.train.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-
-    loader_args = dict(rank=rank, world_size=world, batch_size=cfg.data.batch_size,
-                       loader_workers=cfg.data.loader_workers, image_size=image_size, seed=seed,
-                       shuffle_buffer=cfg.data.shuffle_buffer, crop_pct=info.crop_pct)
+    loader_args = {"rank": rank, "world_size": world, "batch_size": cfg.data.batch_size,
+                   "loader_workers": cfg.data.loader_workers, "image_size": image_size, "seed": seed,
+                   "shuffle_buffer": cfg.data.shuffle_buffer, "crop_pct": info.crop_pct}
     train_loader = create_loader(manifest, cfg.data.train_split, train=True, aug_strength=cfg.data.aug_strength,
                                  limit=cfg.data.train_limit, epoch=start_epoch, **loader_args)
     val_loader = create_loader(manifest, cfg.data.val_split, train=False, aug_strength=0.0,
                                limit=cfg.data.val_limit, epoch=0, **loader_args)
     micro_batches = len(train_loader)
-    steps_per_epoch = max(1, micro_batches // cfg.optim.grad_accum)
-    total_steps = steps_per_epoch * cfg.train.epochs
-    warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, warmup_steps, total_steps, cfg.optim.min_lr_ratio))
+    stepper = Stepper(cfg, model, ddp_model, device, micro_batches, len(classes))
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-    mix = Mixup(cfg.data.mixup, cfg.data.cutmix, len(classes))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    mean, std = info.mean, info.std
+        stepper.load_state_dict(state)
+    stepper.global_step = global_step
+    trainable, mean, std = stepper.trainable, info.mean, info.std
+    amp_dtype, channels_last = stepper.amp_dtype, stepper.channels_last
     misclassified_cap = cfg.wandb.max_misclassified if cfg.wandb.mode != "disabled" else 0
     tracker = start_tracker(cfg, run_name=loop_config.get("run_name", cfg.train.name),
                             job_type=loop_config.get("job_type", "train"), group=loop_config.get("group"),
                             rank=rank, run_dir=loop_config.get("run_dir"))
     if rank == 0:
-        say(f"{world} worker(s) on {device.type}, {compute_threads} thread(s) each; "
-              f"{info.name} at {image_size}px, unfreeze_depth={model.unfreeze_depth}/{len(model.stages)}, "
-              f"{sum(p.numel() for p in trainable):,} trainable parameters; {micro_batches} batches/epoch/rank")
+        say(f"{world} worker(s) on {device.type}, {threads} thread(s) each; "
+            f"{info.name} at {image_size}px, unfreeze_depth={model.unfreeze_depth}/{len(model.stages)}, "
+            f"{sum(p.numel() for p in trainable):,} trainable parameters; {micro_batches} batches/epoch/rank")
 
     status = {"status": "ok"}
     epoch = start_epoch
+    first_step_at = None
     try:
         for epoch in range(start_epoch, cfg.train.epochs):
             train_loader.set_epoch(epoch)
-            ddp_model.train()
-            t0 = time.perf_counter()
-            t_log, seen_log = t0, 0
-            loss_sum, seen, decode_errors = 0.0, 0, 0
-            optimizer.zero_grad(set_to_none=True)
-            for i, batch in enumerate(train_loader):
-                fault = _maybe_fault(epoch, i, rank)
-                x = to_device(batch.images, device, mean, std, channels_last=channels_last)
-                y = batch.labels.to(device, non_blocking=True)
-                x, target = mix(x, y)
-                last_micro = (i + 1) % cfg.optim.grad_accum == 0 or i + 1 == micro_batches
-                # Skip the gradient all-reduce on all but the last micro-batch of an accumulated step.
-                sync_ctx = ddp_model.no_sync() if (not last_micro and hasattr(ddp_model, "no_sync")) else _null()
-                with sync_ctx:
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        loss = criterion(ddp_model(x), target)
-                        if fault == "nan":
-                            loss = loss * float("nan")
-                    scaler.scale(loss / cfg.optim.grad_accum).backward()
-                loss_sum += float(loss.detach()) * len(y)
-                seen += len(y)
-                decode_errors += int(batch.decode_errors)
-                if not last_micro:
-                    continue
-                scaler.unscale_(optimizer)
-                # The norm is computed after the all-reduce, so it is identical on every rank: a non-finite one
-                # stops all ranks together, with no extra collective and no rank left waiting.
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip or float("inf"))
-                if not use_scaler and not torch.isfinite(grad_norm):
-                    status = {"status": "nan", "epoch": epoch, "step": global_step,
-                              "message": f"loss/gradients became non-finite at epoch {epoch + 1}, "
-                                         f"step {global_step} (loss {float(loss.detach()):.4g})"}
-                    break
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                global_step += 1
-                if global_step % cfg.train.log_every == 0:
-                    now = time.perf_counter()
-                    ips = (seen - seen_log) * world / max(1e-9, now - t_log)
-                    lr = max(g["lr"] for g in optimizer.param_groups)  # the head's
-                    tracker.log_step(global_step, {"train/loss": float(loss.detach()), "train/lr": lr,
-                                                   "train/images_per_s": ips, "epoch": epoch + i / micro_batches})
-                    if rank == 0:
-                        say(f"epoch {epoch + 1}/{cfg.train.epochs} step {i + 1}/{micro_batches} "
-                            f"loss {float(loss.detach()):.4f} lr {lr:.2e} {ips:,.0f} img/s")
-                    t_log, seen_log = now, seen
-            if status["status"] != "ok":
+
+            def on_log(step, i, loss, ips, lr, epoch=epoch):
+                tracker.log_step(step, {"train/loss": loss, "train/lr": lr, "train/images_per_s": ips,
+                                        "epoch": epoch + i / micro_batches})
+                if rank == 0:
+                    say(f"epoch {epoch + 1}/{cfg.train.epochs} step {i + 1}/{micro_batches} "
+                        f"loss {loss:.4f} lr {lr:.2e} {ips:,.0f} img/s")
+
+            fault_hook = (lambda i, epoch=epoch: _maybe_fault(epoch, i, rank)) if "DISTRAIN_FAULT" in os.environ \
+                else None
+            run = stepper.run_epoch(train_loader, epoch, world, log_every=cfg.train.log_every, on_log=on_log,
+                                    fault_hook=fault_hook)
+            first_step_at = first_step_at or run["first_step_at"]
+            if run["status"] != "ok":
+                status = run
                 break
-            train_time = time.perf_counter() - t0
+            global_step = stepper.global_step
 
             meter, wrong, val_decode_errors = evaluate(model, val_loader, device, mean, std, amp_dtype,
                                                        len(classes), channels_last, misclassified_cap)
             val = meter.compute(classes)
-            totals = [_all_sum(v, device) for v in (loss_sum, seen, decode_errors)]
+            totals = [_all_sum(run[k], device) for k in ("loss_sum", "seen", "decode_errors")]
             metrics = {
                 "epoch": epoch + 1,
                 "train_loss": totals[0] / max(1, totals[1]),
-                "lr": max(g["lr"] for g in optimizer.param_groups),
-                "images_per_s": totals[1] / max(1e-9, train_time),
-                "epoch_time_s": train_time,
+                "lr": stepper.lr(),
+                "images_per_s": totals[1] / max(1e-9, run["train_time"]),
+                "epoch_time_s": run["train_time"],
                 "val_loss": val["loss"],
                 "val_top1": val["top1"],
                 "val_top5": val["top5"],
@@ -312,6 +319,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 "val_per_class_acc": val["per_class_acc"],
                 "decode_errors": int(totals[2]) + val_decode_errors,
                 "global_step": global_step,
+                "first_step_at": first_step_at,
             }
             history.append({k: v for k, v in metrics.items()})
             tracker.log_epoch(epoch + 1, metrics, val["confusion"], classes, wrong)
@@ -320,7 +328,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                     f"val_loss {val['loss']:.4f} val_top1 {val['top1']:.4f} val_top5 {val['top5']:.4f} "
                     f"({val['count']} val images, {metrics['images_per_s']:,.0f} img/s)")
             position = {**train_loader.position(), "epoch": epoch + 1, "seed": seed}
-            _report(ray.train, metrics, rank, model, cfg, optimizer, scheduler, scaler, classes, info,
+            _report(ray.train, metrics, rank, model, cfg, stepper.state_dict(), classes, info,
                     image_size, epoch + 1, global_step, history, position, val["confusion"])
         # All replicas must hold the same parameters after DDP: check it rather than assume it.
         digest = param_digest(model)
@@ -340,15 +348,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     return status
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _report(train_api, metrics, rank, model, cfg, optimizer, scheduler, scaler, classes, info, image_size,
+def _report(train_api, metrics, rank, model, cfg, train_state, classes, info, image_size,
             epoch, global_step, history, position, confusion):
     """All ranks call report (it is a barrier); only rank 0 attaches the checkpoint."""
     from dataclasses import asdict
@@ -359,8 +359,7 @@ def _report(train_api, metrics, rank, model, cfg, optimizer, scheduler, scaler, 
             full = cfg.model.save_frozen
             weights = model.state_dict() if full else model.trainable_state_dict()
             torch.save({k: v.detach().cpu() for k, v in weights.items()}, Path(d) / CHECKPOINT_WEIGHTS)
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict()}, Path(d) / CHECKPOINT_STATE)
+            torch.save(train_state, Path(d) / CHECKPOINT_STATE)
             meta = {"epoch": epoch, "global_step": global_step, "classes": classes, "history": history,
                     "data_position": position, "frozen_included": full,
                     "frozen_source": {"backbone": cfg.model.backbone, "weights": cfg.model.weights,
