@@ -2,7 +2,7 @@
 
 Usage:
     from distrain import runtime
-    runtime.connect()                 # RAY_ADDRESS (or `ray start`'s cluster) if set, else a local cluster
+    runtime.connect()                 # RAY_ADDRESS, else a cluster `ray start`ed on this machine, else a new one
     runtime.cluster_summary()         # {'nodes': 1, 'CPU': 2.0, 'GPU': 0.0, ...}
 
 Why this module exists: Ray phones home at start even when offline (a usage report, sent even when usage stats
@@ -32,7 +32,8 @@ QUIET_RAY_ENV = {
 # Set to "0" for single-node clusters: every Ray process then binds and connects to 127.0.0.1 only.
 LOOPBACK_ENV_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
-BOOTSTRAP_CONFIG = "# Written by distrain: a local cluster, so Ray skips its cloud-metadata probes.\nprovider:\n  type: local\n"
+BOOTSTRAP_CONFIG = ("# Written by distrain: a local cluster, so Ray skips its cloud-metadata probes.\n"
+                    "provider:\n  type: local\n")
 
 
 def quiet_ray_env() -> dict[str, str]:
@@ -55,7 +56,8 @@ def isolated_home(path: str | Path) -> Path:
 
 def connect(num_cpus: int | None = None, num_gpus: int | None = None, object_store_gb: float = 2.0,
             log_to_driver: bool = True):
-    """Connect to the cluster in RAY_ADDRESS, or start a local one; returns ray (already initialised)."""
+    """Connect to the cluster in RAY_ADDRESS, or one `ray start`ed on this machine, or start a local one (always a
+    new one when num_cpus/num_gpus are given); returns ray, initialised."""
     quiet_ray_env()
     import ray
 
@@ -64,12 +66,29 @@ def connect(num_cpus: int | None = None, num_gpus: int | None = None, object_sto
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=log_to_driver)
-    else:
-        _loopback_only()
-        # Cap the object store: /dev/shm is large here and the default would take memory workers need.
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, object_store_memory=int(object_store_gb * 1024**3),
-                 include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=log_to_driver)
+        return ray
+    if num_cpus is None and num_gpus is None and _started_cluster_here():
+        # A cluster started with `ray start` on this machine: join it, as Ray's own default does.
+        try:
+            ray.init(address="auto", log_to_driver=log_to_driver)
+            return ray
+        except ConnectionError:
+            pass  # a stale record of a cluster that is gone: start our own
+    _loopback_only()
+    # Cap the object store: /dev/shm is large here and the default would take memory workers need.
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
+             object_store_memory=int(object_store_gb * 1024**3), include_dashboard=True,
+             dashboard_host="127.0.0.1", log_to_driver=log_to_driver)
     return ray
+
+
+def _started_cluster_here() -> bool:
+    try:
+        from ray._private.utils import read_ray_address
+
+        return bool(read_ray_address())
+    except Exception:  # private API: if it moved, behave as if no cluster runs here
+        return False
 
 
 def _loopback_only() -> None:

@@ -1,0 +1,27 @@
+"""`distrain bench shards|data|train|accuracy|all [options]`: the benchmarks; each ends with one JSON line.
+
+    distrain bench shards [SOURCE] [--workers 1 2]     shard-writing images/s, 1 vs 2 encode workers
+    distrain bench data [--shards DIR]                 train pipeline vs torchvision ImageFolder + DataLoader
+    distrain bench train [--shards DIR]                Ray Train DDP vs plain torchrun DDP; time to first step
+    distrain bench accuracy                            Fashion-MNIST: pretrained vs random init; probe vs fine-tune
+    distrain bench all --out BENCHMARKS.md             all of the above, written up as Markdown
+Each benchmark's options: `distrain bench NAME --help`.
+"""
+
+import importlib
+
+MODULES = {"shards": "distrain.shards.bench", "data": "distrain.data.bench", "train": "distrain.train.bench",
+           "accuracy": "distrain.benchmarks", "all": "distrain.benchmarks"}
+
+
+def add_arguments(parser):
+    parser.add_argument("which", choices=list(MODULES), help="which benchmark")
+    parser.add_argument("rest", nargs="...", help="options of that benchmark (see `distrain bench NAME --help`)")
+
+
+def run(args) -> int:
+    module = importlib.import_module(MODULES[args.which])
+    argv = list(args.rest)
+    if args.which in ("accuracy", "all"):
+        argv = [args.which, *argv]
+    return int(module.main(argv) or 0)
