@@ -304,6 +304,12 @@ def fit(cfg: Config, *, restart: bool = False, callbacks: list | None = None, jo
     if write_outputs:
         export_model(summary["best_checkpoint"], summary["model_dir"], provenance={
             "run": name, "run_dir": run_dir, "epoch": summary["best_epoch"], "val_top1": summary["best_val_top1"]})
+        from distrain.tracking import log_model_artifact, sync_hint
+
+        log_model_artifact(cfg, name, summary["model_dir"], run_dir=run_dir, job_type=job_type, group=group)
+        hint = sync_hint(cfg, run_dir)
+        if hint:
+            summary["wandb_sync"] = hint
         with fs.open(f"{path}/summary.json", "w") as f:
             f.write(json.dumps(summary, indent=2))
     return summary
@@ -372,6 +378,8 @@ def format_summary(summary: dict) -> str:
              f"best val top-1 {summary['best_val_top1']:.4f} (epoch {summary['best_epoch']} of {summary['epochs']})",
              f"throughput     {summary['images_per_s']:,.0f} images/s",
              f"model          {summary['model_dir']}"]
+    if summary.get("wandb_sync"):
+        lines.append(summary["wandb_sync"])
     return "\n".join(lines)
 
 
