@@ -142,19 +142,21 @@ class TuneConfig:
 
     name: str = opt("sweep", "Stable sweep name: running it again resumes the sweep.")
     num_samples: int = opt(4, "Trials to sample.", range=(1, None))
-    scheduler: str = opt("asha", "Trial scheduler.", choices=("asha", "fifo", "pbt"))
+    scheduler: str = opt("asha", "Trial scheduler: `asha` stops weak trials at epoch rungs (grace_period × "
+                         "reduction_factor^k, below train.epochs); `fifo` runs every trial to the end.",
+                         choices=("asha", "fifo"))
     search_alg: str = opt("random", "Search algorithm: random sampling or Optuna TPE.",
                           choices=("random", "optuna"))
     metric: str = opt("val_top1", "Metric the sweep optimizes (reported once per epoch).")
     mode: str = opt("max", "Maximize or minimize the metric.", choices=("max", "min"))
-    max_concurrent_trials: int = opt(0, "Trials run at once; 0 = as many as the cluster's CPUs/GPUs fit (each "
-                                     "trial needs a driver CPU plus its workers).", range=(0, None))
+    max_concurrent_trials: int = opt(0, "Trials run at once; 0 = as many as the cluster's CPUs/GPUs hold (a trial "
+                                     "holds its workers' CPUs/GPUs; its driver reserves none).", range=(0, None))
     grace_period: int = opt(1, "ASHA: epochs every trial runs before it can be stopped.", range=(1, None))
     reduction_factor: int = opt(2, "ASHA: keep the top 1/reduction_factor at each rung.", range=(2, None))
-    perturbation_interval: int = opt(1, "PBT: epochs between exploit/explore steps.", range=(1, None))
     space: dict = opt({}, "Search space: dotted config key → distribution, e.g. `optim.lr: loguniform(1e-5, "
                       "1e-2)`, `model.unfreeze_depth: choice([0, 1, 2, all])`, `data.aug_strength: "
-                      "uniform(0, 1)`. Also: randint(lo, hi), quniform(lo, hi, q), grid([..]).")
+                      "uniform(0, 1)`. Also: randint(lo, hi) (both ends included), quniform(lo, hi, q), grid([..]) "
+                      "(every value in turn, each num_samples times).")
 
 
 @dataclass

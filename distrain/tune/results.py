@@ -1,0 +1,246 @@
+"""What a finished sweep produced: one record per trial, the trial table, the best trial and its outputs.
+
+Usage:
+    from distrain.tune.results import collect_trials, write_outputs
+    trials = collect_trials(result_grid, sweep_dir, cfg)       # [TrialRecord], in trial order
+    summary = write_outputs(trials, cfg, space, sweep_dir)     # trials.csv, best.yaml, best_model/, summary.json
+
+A trial's numbers come from its Ray Train run folder (`<sweep_dir>/runs/<trial>/`), not from Tune's result: the
+latest checkpoint there holds the whole epoch history, including epochs trained before an interrupted sweep was
+resumed, and it exists for trials that ASHA stopped (Tune's `Result.metrics` is empty for those, since the
+checkpoints are Train's, not Tune's). Stop reasons: `completed` (all train.epochs ran), `stopped early by ASHA`
+(fewer epochs, no error), `failed: <error>` (the trial raised: non-finite loss, a worker that kept dying, ...).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from distrain.config import Config, to_yaml
+from distrain.train.run import _fs, export_model
+from distrain.tune.trial import RUNS, stopped_by_tune
+
+
+@dataclass
+class TrialRecord:
+    """One trial of a sweep, as the table shows it."""
+
+    name: str
+    params: dict[str, Any]
+    run_dir: str
+    epochs_planned: int
+    history: list[dict] = field(default_factory=list)  # per-epoch metrics (without per-class accuracies)
+    checkpoints: list[tuple[str, dict]] = field(default_factory=list)  # (path, metrics) kept by Ray Train
+    error: str | None = None
+    stopped: bool = False  # Tune stopped it (the scheduler) while its Train run was going
+
+    @property
+    def epochs(self) -> int:
+        return self.history[-1]["epoch"] if self.history else 0
+
+    def best(self, metric: str, mode: str) -> dict | None:
+        """The epoch with the best value of `metric` (ties: the earlier epoch)."""
+        scored = [h for h in self.history if _finite(h.get(metric))]
+        if not scored:
+            return None
+        sign = 1 if mode == "max" else -1
+        return max(scored, key=lambda h: (sign * h[metric], -h["epoch"]))
+
+    @property
+    def best_val_top1(self) -> float | None:
+        best = self.best("val_top1", "max")
+        return best["val_top1"] if best else None
+
+    def status(self, scheduler: str) -> str:
+        if self.error is not None:
+            return f"failed: {self.error}"
+        if self.stopped or self.epochs < self.epochs_planned:
+            return "stopped early by ASHA" if scheduler == "asha" else f"stopped after {self.epochs} epoch(s)"
+        return "completed"
+
+    def best_checkpoint(self, metric: str, mode: str) -> str | None:
+        """The kept checkpoint with the best `metric` (Ray Train keeps the best few by val top-1, and the latest)."""
+        scored = [(p, m) for p, m in self.checkpoints if _finite(m.get(metric))]
+        if not scored:
+            return None
+        sign = 1 if mode == "max" else -1
+        return max(scored, key=lambda pm: (sign * pm[1][metric], -pm[1].get("epoch", 0)))[0]
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def error_text(error: BaseException | None) -> str | None:
+    """The reason a trial failed, one line: the original exception's message, not Ray's wrapping traceback."""
+    if error is None:
+        return None
+    cause = error
+    for _ in range(5):  # RayTaskError(TrainingError) → TrainingError; TuneError wraps a RayTaskError
+        inner = getattr(cause, "cause", None)
+        if inner is None or inner is cause:
+            break
+        cause = inner
+    text = str(cause).strip()
+    if "Traceback (most recent call last)" in text or not text:
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        errs = [ln for ln in lines if ("Error" in ln.split(":")[0] or "Exception" in ln.split(":")[0])]
+        text = errs[-1] if errs else (lines[-1] if lines else type(cause).__name__)
+    else:
+        text = text.splitlines()[0]
+        if type(cause).__name__ not in ("TrainingError",):
+            text = f"{type(cause).__name__}: {text}"
+    return text[:300]
+
+
+def read_run(run_dir: str) -> tuple[list[dict], list[tuple[str, dict]]]:
+    """(epoch history, kept checkpoints) of a Ray Train run folder; empty when it never checkpointed."""
+    fs, path = _fs(run_dir)
+    snapshot = f"{path}/checkpoint_manager_snapshot.json"
+    if not fs.exists(snapshot):
+        return [], []
+    data = json.loads(fs.cat_file(snapshot))
+    checkpoints = [(f"{run_dir}/{c['checkpoint_dir_name']}", c.get("metrics") or {})
+                   for c in data.get("checkpoint_results") or []]
+    latest = (data.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    history: list[dict] = []
+    if latest and fs.exists(f"{path}/{latest}/meta.json"):
+        meta = json.loads(fs.cat_file(f"{path}/{latest}/meta.json"))
+        history = [{k: v for k, v in h.items() if k != "val_per_class_acc"} for h in meta.get("history") or []]
+    return history, checkpoints
+
+
+def plain(value: Any) -> Any:
+    """A numpy scalar from a searcher as the Python number it is (YAML and the config tree want those)."""
+    return value.item() if hasattr(value, "item") and not isinstance(value, (list, dict, str)) else value
+
+
+def collect_trials(result_grid, sweep_dir: str, cfg: Config) -> list[TrialRecord]:
+    """One record per trial of a Tune ResultGrid, in the order the trials were created."""
+    records = []
+    for result in result_grid:
+        name = os.path.basename(str(result.path).rstrip("/"))
+        params = {k: plain(v) for k, v in (result.config or {}).items()}
+        run_dir = f"{sweep_dir}/{RUNS}/{name}"
+        history, checkpoints = read_run(run_dir)
+        epochs = int(params.get("train.epochs", cfg.train.epochs))
+        error = error_text(result.error)
+        records.append(TrialRecord(name=name, params=params, run_dir=run_dir, epochs_planned=epochs,
+                                   history=history, checkpoints=checkpoints, error=error,
+                                   stopped=error is None and stopped_by_tune(sweep_dir, name)))
+    return records
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+
+def best_trial(trials: list[TrialRecord], metric: str, mode: str) -> TrialRecord | None:
+    scored = [t for t in trials if t.error is None and t.best(metric, mode) is not None]
+    if not scored:
+        return None
+    sign = 1 if mode == "max" else -1
+    return max(scored, key=lambda t: (sign * t.best(metric, mode)[metric], -t.epochs))
+
+
+def rows(trials: list[TrialRecord], keys: list[str], scheduler: str) -> list[dict[str, Any]]:
+    """The trial table as dicts (the CSV's rows and W&B's table)."""
+    out = []
+    for t in trials:
+        best = t.best("val_top1", "max")
+        row: dict[str, Any] = {"trial": t.name}
+        row.update({k: t.params.get(k) for k in keys})
+        row.update({"best_val_top1": best["val_top1"] if best else None,
+                    "best_epoch": best["epoch"] if best else None,
+                    "epochs": t.epochs,
+                    "status": t.status(scheduler),
+                    "run_dir": t.run_dir})
+        out.append(row)
+    return out
+
+
+def format_table(table: list[dict[str, Any]]) -> str:
+    """A plain-text table for the console (run_dir left out; it is in the CSV)."""
+    if not table:
+        return "(no trials)"
+    columns = [c for c in table[0] if c != "run_dir"]
+    cells = [[_cell(r.get(c)) for c in columns] for r in table]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+def _cell(value: Any, width: int = 90) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    text = str(value)
+    return text if len(text) <= width else text[: width - 1] + "…"  # the CSV has it whole
+
+
+def write_csv(table: list[dict[str, Any]], url: str) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(table[0]) if table else ["trial"])
+    writer.writeheader()
+    writer.writerows(table)
+    fs, path = _fs(url)
+    with fs.open(path, "w") as f:
+        f.write(buf.getvalue())
+    return url
+
+
+def best_config(cfg: Config, best: TrialRecord) -> Config:
+    """The base config with the best trial's values: a `distrain train` config, search space cleared."""
+    out = cfg.replace(best.params)
+    out.tune.space = {}
+    out.train.name = f"{cfg.tune.name}_best"
+    return out
+
+
+def write_outputs(trials: list[TrialRecord], cfg: Config, keys: list[str], sweep_dir: str) -> dict[str, Any]:
+    """Write trials.csv, best.yaml, best_model/ and summary.json into the sweep folder; returns the summary."""
+    metric, mode, scheduler = cfg.tune.metric, cfg.tune.mode, cfg.tune.scheduler
+    table = rows(trials, keys, scheduler)
+    trials_csv = write_csv(table, f"{sweep_dir}/trials.csv")
+    best = best_trial(trials, metric, mode)
+    summary: dict[str, Any] = {
+        "best_val_top1": None, "best_config": None, "trials_csv": trials_csv, "best_model": None,
+        "num_trials": len(trials), "sweep_dir": sweep_dir, "best_trial": None, "best_params": None,
+        "metric": metric, "best_metric": None,
+        "num_completed": sum(t.status(scheduler) == "completed" for t in trials),
+        "num_stopped": sum(t.status(scheduler).startswith("stopped") for t in trials),
+        "num_failed": sum(t.error is not None for t in trials),
+    }
+    if best is not None:
+        best_epoch = best.best(metric, mode)
+        fs, path = _fs(sweep_dir)
+        best_yaml = f"{sweep_dir}/best.yaml"
+        header = (f"# Best trial {best.name} of sweep {cfg.tune.name}: {metric} {best_epoch[metric]:.4f} at epoch "
+                  f"{best_epoch['epoch']}.\n# Train it: distrain train --config {best_yaml}\n")
+        with fs.open(f"{path}/best.yaml", "w") as f:
+            f.write(header + to_yaml(best_config(cfg, best)))
+        model_dir = None
+        ckpt = best.best_checkpoint(metric, mode)
+        try:
+            if ckpt is None:
+                raise FileNotFoundError(f"no checkpoint of {best.run_dir} is kept")
+            model_dir = export_model(ckpt, f"{sweep_dir}/best_model", provenance={
+                "sweep": cfg.tune.name, "trial": best.name, "run_dir": best.run_dir, "checkpoint": ckpt,
+                "params": best.params, metric: best_epoch[metric]})
+        except Exception as e:  # the table and best.yaml are still worth having
+            print(f"[distrain] warning: best_model/ not written ({type(e).__name__}: {e})", flush=True)
+        summary.update({"best_val_top1": best.best_val_top1, "best_config": best_yaml, "best_model": model_dir,
+                        "best_trial": best.name, "best_params": best.params, "best_metric": best_epoch[metric],
+                        "best_epoch": best_epoch["epoch"], "best_run_dir": best.run_dir})
+    fs, path = _fs(sweep_dir)
+    with fs.open(f"{path}/summary.json", "w") as f:
+        f.write(json.dumps({**summary, "trials": table}, indent=2, default=str))
+    return summary
