@@ -186,6 +186,7 @@ def _rank_main(rank: int, world: int, port: int, root: str, results) -> None:
     try:
         import torch.distributed as dist
 
+        mp.set_start_method("fork", force=True)  # loader workers fork from this (clean) rank process
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=60))
@@ -235,7 +236,11 @@ def _rank_main(rank: int, world: int, port: int, root: str, results) -> None:
 @pytest.fixture(scope="module")
 def ddp_results(shards) -> dict:
     """{world_size: {rank: {workers: {...}}}} from real gloo groups of 1, 2 and 3 forked ranks."""
-    ctx = mp.get_context("fork")  # forked ranks start in milliseconds; spawned ones would import torch again
+    # Ranks fork from a forkserver that has imported torch and distrain once: they start in milliseconds, and
+    # unlike a fork of the pytest process itself (which may hold Ray/gRPC threads by now) they cannot inherit a
+    # lock some other thread held at fork time.
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "distrain.data", "test_data"])
     all_results = {}
     for world in (1, 2, 3):
         results = ctx.Queue()
