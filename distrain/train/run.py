@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,19 @@ def storage_root(cfg: Config) -> str:
     if path.startswith("file://"):
         path = path[len("file://"):]
     return path if is_remote(path) else os.path.abspath(os.path.expanduser(path))
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """Local paths made absolute: Train workers (and Tune trial drivers) run in other working directories."""
+    updates: dict[str, Any] = {"scaling.storage_path": storage_root(cfg)}
+    if not is_remote(cfg.data.shards):
+        updates["data.shards"] = os.path.abspath(os.path.expanduser(cfg.data.shards))
+    weights = cfg.model.weights
+    if not is_remote(weights) and os.path.exists(os.path.expanduser(weights)):
+        updates["model.weights"] = os.path.abspath(os.path.expanduser(weights))
+    if cfg.wandb.dir and not is_remote(cfg.wandb.dir):
+        updates["wandb.dir"] = os.path.abspath(os.path.expanduser(cfg.wandb.dir))
+    return cfg.replace(updates)
 
 
 def run_dir_of(cfg: Config, name: str | None = None) -> str:
@@ -222,6 +237,7 @@ def fit(cfg: Config, *, restart: bool = False, callbacks: list | None = None, jo
     t_start, wall_start = time.perf_counter(), time.time()
     if storage_path:
         cfg = cfg.replace({"scaling.storage_path": storage_path})
+    cfg = absolute_paths(cfg)
     name = run_name or cfg.train.name
     run_dir = run_dir_of(cfg, name)
     if not runtime_is_connected():
@@ -266,11 +282,17 @@ def fit(cfg: Config, *, restart: bool = False, callbacks: list | None = None, jo
             # Fault drills and distrain's own switches reach the workers; secrets stay out of runtime envs.
             worker_runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("DISTRAIN_")}}),
     )
+    previous_sigint = signal.getsignal(signal.SIGINT)
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise TrainingError(f"training run {name} failed (run folder {run_dir}; rerun the same command to resume "
                             f"from its last checkpoint):\n{e}") from None
+    finally:
+        # fit() installs a Ctrl-C handler that holds the controller actor; put ours back so the finished
+        # controller is released (and a later Ctrl-C does not go to a run that is over).
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous_sigint)
     if result.error is not None:
         raise TrainingError(f"training run {name} failed: {result.error}") from result.error
     status = result.return_value or {}
@@ -302,7 +324,7 @@ def fit(cfg: Config, *, restart: bool = False, callbacks: list | None = None, jo
         "history": [{k: v for k, v in h.items() if k != "val_per_class_acc"} for h in history],
     }
     if write_outputs:
-        export_model(summary["best_checkpoint"], summary["model_dir"], provenance={
+        checkpoint_to_model_dir(summary["best_checkpoint"], summary["model_dir"], provenance={
             "run": name, "run_dir": run_dir, "epoch": summary["best_epoch"], "val_top1": summary["best_val_top1"]})
         from distrain.tracking import log_model_artifact, sync_hint
 
@@ -345,7 +367,7 @@ def _remove_run(run_dir: str) -> None:
         fs.rm(path, recursive=True)
 
 
-def export_model(checkpoint: str, out_dir: str, provenance: dict | None = None) -> str:
+def checkpoint_to_model_dir(checkpoint: str, out_dir: str, provenance: dict | None = None) -> str:
     """Rebuild the full model of a checkpoint (frozen part from its source) and write a model/ folder."""
     import tempfile
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distrain.config import Config, to_yaml
-from distrain.train.run import _fs, export_model
+from distrain.train.run import _fs, checkpoint_to_model_dir
 from distrain.tune.trial import RUNS, stopped_by_tune
 
 
@@ -232,7 +232,7 @@ def write_outputs(trials: list[TrialRecord], cfg: Config, keys: list[str], sweep
         try:
             if ckpt is None:
                 raise FileNotFoundError(f"no checkpoint of {best.run_dir} is kept")
-            model_dir = export_model(ckpt, f"{sweep_dir}/best_model", provenance={
+            model_dir = checkpoint_to_model_dir(ckpt, f"{sweep_dir}/best_model", provenance={
                 "sweep": cfg.tune.name, "trial": best.name, "run_dir": best.run_dir, "checkpoint": ckpt,
                 "params": best.params, metric: best_epoch[metric]})
         except Exception as e:  # the table and best.yaml are still worth having

@@ -40,7 +40,15 @@ from typing import Any
 import yaml
 
 from distrain.config import Config, ConfigError, from_dict, to_yaml
-from distrain.train.run import TrainingError, _fs, cpus_per_worker, is_remote, preflight, resolve_gpu, storage_root
+from distrain.train.run import (
+    TrainingError,
+    _fs,
+    absolute_paths,
+    cpus_per_worker,
+    preflight,
+    resolve_gpu,
+    storage_root,
+)
 from distrain.tune.results import best_trial, collect_trials, format_table, rows, write_outputs
 from distrain.tune.space import Dist, num_grid_points, parse_space
 from distrain.tune.trial import RUNS, say, trial_trainable
@@ -77,19 +85,6 @@ def sweep_dir_of(cfg: Config) -> str:
 def trial_name(trial) -> str:
     """Tune's trial name and folder name: stable across a resume, since trial ids are restored with the sweep."""
     return f"trial_{trial.trial_id}"
-
-
-def absolute_paths(cfg: Config) -> Config:
-    """Local paths made absolute: trial drivers and Train workers run in other working directories."""
-    updates: dict[str, Any] = {"scaling.storage_path": storage_root(cfg)}
-    if not is_remote(cfg.data.shards):
-        updates["data.shards"] = os.path.abspath(os.path.expanduser(cfg.data.shards))
-    weights = cfg.model.weights
-    if not is_remote(weights) and os.path.exists(os.path.expanduser(weights)):
-        updates["model.weights"] = os.path.abspath(os.path.expanduser(weights))
-    if cfg.wandb.dir and not is_remote(cfg.wandb.dir):
-        updates["wandb.dir"] = os.path.abspath(os.path.expanduser(cfg.wandb.dir))
-    return cfg.replace(updates)
 
 
 # ------------------------------------------------------------------------------------------------ planning

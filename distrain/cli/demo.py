@@ -1,0 +1,16 @@
+"""`distrain demo [--quick]`: the whole product on Fashion-MNIST on this machine (what `make demo` runs)."""
+
+from distrain.cli import emit_json
+
+
+def add_arguments(parser):
+    parser.add_argument("--quick", action="store_true", help="a tiny subset, one epoch per trial (about 3 minutes)")
+    parser.add_argument("--root", default=".", help="project folder holding configs/ (default: .)")
+
+
+def run(args) -> int:
+    from distrain.demo import run_demo
+
+    report = run_demo(args.root, quick=args.quick)
+    emit_json(report)
+    return 0
