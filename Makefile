@@ -19,13 +19,14 @@ export RAY_USAGE_STATS_REPORT_URL := http://127.0.0.1:1/
 export WANDB_SILENT := true
 RUN_ENV = HOME=$(RAY_HOME) DISTRAIN_FASHION_MNIST=$(if $(wildcard $(FMNIST_SYSTEM)),$(FMNIST_SYSTEM),$(FMNIST_LOCAL))
 
-.PHONY: install test demo lint bench submit fashion-mnist ray-home clean help
+.PHONY: install test demo lint bench submit readme fashion-mnist ray-home clean help
 
 help:
 	@echo "make demo   - install, build Fashion-MNIST shards, sweep, train, evaluate, export (CPU, < 20 min)"
 	@echo "make test   - install and run the test suite"
 	@echo "make bench  - run the benchmarks and write BENCHMARKS.md"
-	@echo "make lint   - ruff"
+	@echo "make lint   - ruff, and the README's generated blocks are up to date"
+	@echo "make readme - regenerate the README's config reference, augmentation and results tables"
 	@echo "make submit ADDRESS=http://HEAD:8265 ARGS='train --config configs/...' - submit to a Ray cluster"
 
 $(STAMP): pyproject.toml
@@ -58,9 +59,14 @@ demo: install
 
 bench: install
 	$(RUN_ENV) $(BIN)/distrain bench all --out BENCHMARKS.md $(BENCH_ARGS)
+	$(BIN)/python -m distrain.readme
 
 lint: $(STAMP)
 	$(BIN)/ruff check distrain tests
+	$(BIN)/python -m distrain.readme --check
+
+readme: $(STAMP)
+	$(BIN)/python -m distrain.readme
 
 submit: install
 	$(BIN)/distrain submit --address $(ADDRESS) -- $(ARGS)

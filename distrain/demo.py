@@ -7,7 +7,8 @@ Usage:
 Steps, each printed as it starts, each reusing its output when it is already there:
   1. shards    Fashion-MNIST from Debian's package → data/fashion-mnist (train / val / test)
   2. cluster   a local Ray cluster (loopback only)
-  3. sweep     Ray Tune over learning rate, unfreeze depth and augmentation strength (configs/tune_fashion_mnist_cpu.yaml)
+  3. sweep     Ray Tune over learning rate, unfreeze depth and augmentation strength
+               (configs/tune_fashion_mnist_cpu.yaml)
   4. train     the best values applied to the longer recipe (configs/fashion_mnist_cpu.yaml), 2 DDP workers
   5. evaluate  the trained model on the test split (10,000 images it never saw)
   6. export    ONNX, checked against PyTorch

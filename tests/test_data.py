@@ -229,7 +229,7 @@ def _rank_main(rank: int, world: int, port: int, root: str, results) -> None:
             out[K] = row
         dist.destroy_process_group()
         results.put((rank, out))
-    except BaseException:  # noqa: BLE001 - any failure goes back to the parent as text
+    except BaseException:
         results.put((rank, traceback.format_exc()))
 
 

@@ -158,7 +158,7 @@ def test_frozen_stages_and_bn_stats_stay_bit_identical(backbone):
     model = create_model(backbone, num_classes=3, unfreeze_depth=2)
     n = len(model.stages)
     # The trainable parameter count matches the stage table at every depth.
-    for k in list(range(n + 1)) + ["all"]:
+    for k in [*list(range(n + 1)), "all"]:
         model.apply_unfreeze(k)
         depth = n if k == "all" else k
         head = sum(p.numel() for p in model.head.parameters())
@@ -184,7 +184,7 @@ def test_frozen_stages_and_bn_stats_stay_bit_identical(backbone):
     after = model.state_dict()
     for k in frozen:  # parameters, running mean/var and num_batches_tracked of every frozen stage
         assert torch.equal(after[k], before[k]), k
-    changed = [k for k in trainable_stage_params + ["head.1.weight"] if not torch.equal(after[k], before[k])]
+    changed = [k for k in [*trainable_stage_params, "head.1.weight"] if not torch.equal(after[k], before[k])]
     assert len(changed) >= 0.9 * (len(trainable_stage_params) + 1)
     assert all(not torch.equal(after[k], before[k]) for k in trainable_bn_stats)
 

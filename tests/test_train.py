@@ -51,7 +51,7 @@ def load_manifest_count(cfg, split):
 
 @pytest.mark.timeout(120)
 def test_checkpoint_holds_trainable_weights_and_model_dir_is_self_contained(trained):
-    cfg, summary = trained
+    _cfg, summary = trained
     ckpt = Path(summary["best_checkpoint"])
     meta = json.loads((ckpt / "meta.json").read_text())
     weights = torch.load(ckpt / "weights.pt", weights_only=True)
@@ -127,7 +127,7 @@ def test_preflight_too_few_samples_for_world_size(tiny_shards, tmp_path):
 
 
 def test_preflight_class_count_differs_from_checkpoint(trained, tmp_path):
-    cfg, summary = trained
+    cfg, _summary = trained
     make_image_folder(tmp_path / "four", num_classes=4, per_class=20, size=24)
     from distrain.shards.build import BuildOptions, build_shards
 

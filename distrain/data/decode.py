@@ -63,7 +63,7 @@ def _pil_decode(data: bytes, min_h: int = 0, min_w: int = 0) -> np.ndarray:
         if img.format == "JPEG" and min_h and min_w:
             img.draft("RGB", (min_w, min_h))  # libjpeg scaling, keeps at least the requested size
         return np.asarray(img.convert("RGB"))
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data; all mean "does not decode"
+    except Exception as e:
         raise DecodeError(f"{type(e).__name__}: {e}") from None
 
 

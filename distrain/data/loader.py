@@ -138,7 +138,8 @@ def create_loader(source: Any, split: str = "train", *, train: bool = True, rank
                           storage_options=storage_options)
     if loader_workers < 0:
         raise ValueError(f"loader_workers must be >= 0, got {loader_workers}")
-    return Loader(dataset, loader_workers, pin_memory=pin_memory, multiprocessing_context=multiprocessing_context, timeout=timeout)
+    return Loader(dataset, loader_workers, pin_memory=pin_memory, multiprocessing_context=multiprocessing_context,
+                  timeout=timeout)
 
 
 def check_shards(source: Any, split: str = "train", *, world_size: int = 1, loader_workers: int = 1,

@@ -173,7 +173,7 @@ def _torchvision_enum(arch: str, name: str):
     try:
         enum_cls = tvm.get_model_weights(arch)
     except (ValueError, KeyError):
-        raise ModelError(f"torchvision:{arch} has no pretrained weights; use model.weights=none or a file")
+        raise ModelError(f"torchvision:{arch} has no pretrained weights; use model.weights=none or a file") from None
     member = name.rsplit(".", 1)[-1]
     if member == "DEFAULT":
         return enum_cls.DEFAULT

@@ -97,7 +97,7 @@ def torchvision_table(arch: str, model: nn.Module) -> list[tuple[str, list[str]]
         layers = [n for n, _ in model.encoder.layers.named_children()]
         blocks = [(n, [f"encoder.layers.{n}"]) for n in layers]
         blocks[-1][1].append("encoder.ln")
-        return [("stem", ["conv_proj", "class_token", "encoder.pos_embedding"])] + blocks
+        return [("stem", ["conv_proj", "class_token", "encoder.pos_embedding"]), *blocks]
     return generic_table(model)
 
 

@@ -105,7 +105,7 @@ def _orientation(img: Image.Image) -> int:
     try:
         value = img.getexif().get(EXIF_ORIENTATION, 1)
         return value if value in ORIENTATION_TRANSPOSE else 1
-    except Exception:  # noqa: BLE001
+    except Exception:
         return 1
 
 
@@ -173,7 +173,7 @@ def encode_record(record, options: EncodeOptions) -> Encoded:
         return Encoded(image=encode_image(img, options), ext=options.ext, size=original)
     except MemoryError:
         raise
-    except Exception as e:  # noqa: BLE001 - any decoder failure is a property of the input file
+    except Exception as e:
         return Encoded(reason=_reason(e))
 
 

@@ -51,7 +51,7 @@ def class_table(manifest: Manifest, class_counts: dict[str, list[int]] | None = 
     splits = list(counts)
     rows = [[f"{i} {name}"] + [counts[s][i] for s in splits] for i, name in enumerate(manifest.classes)]
     rows.append(["total"] + [sum(counts[s]) for s in splits])
-    return table(rows, ["class"] + splits)
+    return table(rows, ["class", *splits])
 
 
 def skipped_text(manifest: Manifest, max_skipped: int = 20) -> str:

@@ -101,7 +101,7 @@ def _check_sample(where: str, key: str, sample: dict, num_classes: int,
         try:
             with Image.open(io.BytesIO(sample[images[0]])) as img:
                 img.load()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             problems.append(f"{where}: sample {key} does not decode ({e})")
     return label, problems
 
