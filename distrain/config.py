@@ -61,8 +61,8 @@ class DataConfig:
                            "(0 = all). For quick runs and sweeps.", range=(0, None))
     val_limit: int = opt(0, "Validate on at most this many samples (0 = all).", range=(0, None))
     shuffle_buffer: int = opt(1000, "Samples held in the shuffle buffer of each loader worker.", range=(0, None))
-    channels_last: bool = opt(True, "Move batches to the device in channels_last memory format (faster "
-                              "convolutions on GPU).")
+    channels_last: bool = opt(True, "Model and batches in channels_last (NHWC) memory format: faster "
+                              "convolutions with cuDNN on GPU and with oneDNN on CPU.")
 
 
 @dataclass

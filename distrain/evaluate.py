@@ -184,7 +184,7 @@ def evaluate_share(loaded, manifest, split: str, rank: int = 0, world_size: int 
     from distrain.train.loop import amp_settings
 
     device = pick_device(device) if isinstance(device, str) else device
-    model = loaded.model.to(device)
+    model = loaded.model.to(device, memory_format=torch.channels_last)  # NHWC: faster convolutions, GPU and CPU
     pre = loaded.preprocess
     loader = create_loader(manifest, split, train=False, rank=rank, world_size=world_size, batch_size=batch_size,
                            loader_workers=loader_workers, image_size=int(pre["image_size"]),
@@ -192,7 +192,7 @@ def evaluate_share(loaded, manifest, split: str, rank: int = 0, world_size: int 
     amp_dtype, _ = amp_settings(amp, device)
     t0 = time.perf_counter()
     meter, rows, decode_errors = evaluate_batches(model, loader, device, pre["mean"], pre["std"],
-                                                  len(loaded.classes), amp_dtype, device.type == "cuda", worst,
+                                                  len(loaded.classes), amp_dtype, True, worst,
                                                   progress)
     return EvalPart(rank, meter.confusion.cpu().numpy(), float(meter.loss_sum), int(meter.topk_hits), rows,
                     decode_errors, list(loader.dropped), time.perf_counter() - t0)

@@ -103,7 +103,7 @@ class Predictor:
 
         self.loaded, self.classes = loaded, list(loaded.classes)
         self.device = pick_device(device) if isinstance(device, str) else device
-        self.model = loaded.model.to(self.device).eval()
+        self.model = loaded.model.to(self.device, memory_format=torch.channels_last).eval()
         pre = loaded.preprocess
         self.mean, self.std = tuple(pre["mean"]), tuple(pre["std"])
         self.transform = ImageTransform(int(pre["image_size"]), 0.0, train=False,
@@ -129,7 +129,7 @@ class Predictor:
         from distrain.data import to_device
 
         x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-        x = to_device(x, self.device, self.mean, self.std, channels_last=self.device.type == "cuda")
+        x = to_device(x, self.device, self.mean, self.std, channels_last=True)
         return self.model(x).float().softmax(1).cpu().numpy()
 
     def predict_encoded(self, items: list[tuple[bytes, str] | None], top_k: int = 5

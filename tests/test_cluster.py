@@ -680,6 +680,22 @@ class TestSingleNode:
         assert {"gcs_server", "raylet", "ray::RayTrainWo"} <= head.seen, head.seen
 
 
+    def test_plain_ray_job_submit_runs_distrain_train(self, head, tiny_shards, tmp_path):
+        # The stock Ray CLI, no distrain wrapper: `distrain train` is a valid `ray job submit` entrypoint as it is.
+        runs = tmp_path / "runs"
+        overrides = fast_train_overrides(tiny_shards, runs, name="stock", **{
+            "train.epochs": 1, "scaling.num_workers": 1, "wandb.mode": "disabled"})
+        cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", head.address, "--working-dir", str(ROOT),
+               "--runtime-env", str(ROOT / "cluster" / "runtime_env.yaml"), "--",
+               "python", "-m", "distrain", "train", *_sets(overrides)]
+        out = subprocess.run(cmd, env={**head.env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
+                             timeout=300, cwd=ROOT)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert re.search(r"Job '\S+' succeeded", out.stdout + out.stderr), out.stdout[-2000:]
+        assert ds.last_json(out.stdout)["run_dir"] == str(runs / "stock")
+        assert json.loads((runs / "stock" / "summary.json").read_text())["epochs"] == 1
+
+
 class TestTwoNodes:
     def test_node_local_storage_is_refused_before_training(self, two_nodes, tiny_shards, tmp_path):
         # The shards are declared shared (both nodes read this machine's disk); the run folder is not.

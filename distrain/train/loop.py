@@ -135,7 +135,7 @@ class Stepper:
         self.mix = Mixup(cfg.data.mixup, cfg.data.cutmix, num_classes)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.mean, self.std = model.info.mean, model.info.std
-        self.channels_last = cfg.data.channels_last and device.type == "cuda"
+        self.channels_last = cfg.data.channels_last
         self.global_step = 0
 
     def state_dict(self) -> dict:
@@ -251,7 +251,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             say(f"resuming at epoch {start_epoch + 1} (step {global_step}) from {ckpt.path}")
 
     model.to(device)
-    if cfg.data.channels_last and device.type == "cuda":
+    if cfg.data.channels_last:  # NHWC: faster convolutions with cuDNN and with oneDNN on CPU (1.7x here)
         model.to(memory_format=torch.channels_last)
     ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
 
