@@ -101,6 +101,7 @@ def _build(args) -> int:
 
 def _inspect(args) -> int:
     from distrain.shards.manifest import ManifestError, load_manifest
+    from distrain.shards.manifest import figures as manifest_figures
     from distrain.shards.report import inspect_text
     from distrain.shards.verify import verify_shards
 
@@ -108,15 +109,7 @@ def _inspect(args) -> int:
         manifest = load_manifest(args.dir)
     except ManifestError as e:
         raise CommandError(str(e)) from None
-    figures = {
-        "dir": manifest.location,
-        "classes": manifest.num_classes,
-        "samples": {k: s.num_samples for k, s in manifest.splits.items()},
-        "shards": {k: len(s.shards) for k, s in manifest.splits.items()},
-        "bytes": sum(sh.bytes for s in manifest.splits.values() for sh in s.shards),
-        "skipped": len(manifest.skipped),
-        "ignored": sum(manifest.ignored.values()),
-    }
+    figures = {"dir": manifest.location, **manifest_figures(manifest)}
     counts = None
     report = None
     if args.verify:

@@ -35,6 +35,7 @@ from datetime import datetime, timezone
 
 from distrain.shards.encode import Encoded, EncodeOptions, encode_chunk, encode_record
 from distrain.shards.manifest import INFO_NAME, Manifest, SplitInfo, save_manifest, timm_info
+from distrain.shards.manifest import figures as manifest_figures
 from distrain.shards.sources import Source, open_source
 from distrain.shards.split import plan_splits
 from distrain.shards.writer import ShardWriter, prepare_output
@@ -95,12 +96,7 @@ class BuildResult:
         m = self.manifest
         return {
             "out": self.url.rsplit("/", 1)[0],
-            "classes": m.num_classes,
-            "samples": {k: s.num_samples for k, s in m.splits.items()},
-            "shards": {k: len(s.shards) for k, s in m.splits.items()},
-            "bytes": sum(sh.bytes for s in m.splits.values() for sh in s.shards),
-            "skipped": len(m.skipped),
-            "ignored": sum(m.ignored.values()),
+            **manifest_figures(m),
             "workers": self.workers,
             "seconds": round(self.scan_seconds + self.write_seconds, 3),
             "images_per_s": round((self.written + len(m.skipped)) / max(self.write_seconds, 1e-9), 1),

@@ -90,6 +90,17 @@ class Manifest:
         return json.dumps({k: d[k] for k in order}, indent=2)
 
 
+def figures(manifest: Manifest) -> dict[str, Any]:
+    """The counts a build or an inspection reports: classes, samples and shards per split, bytes, skipped, ignored."""
+    splits = manifest.splits.values()
+    return {"classes": manifest.num_classes,
+            "samples": {k: s.num_samples for k, s in manifest.splits.items()},
+            "shards": {k: len(s.shards) for k, s in manifest.splits.items()},
+            "bytes": sum(sh.bytes for s in splits for sh in s.shards),
+            "skipped": len(manifest.skipped),
+            "ignored": sum(manifest.ignored.values())}
+
+
 def is_url(path: str) -> bool:
     return "://" in path
 
