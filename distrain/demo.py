@@ -25,8 +25,8 @@ from typing import Any
 from distrain.config import Config, load_config
 
 # The final run of the demo: the recipe of configs/fashion_mnist_cpu.yaml cut to fit the demo's 20 minutes (half the
-# training images, 2 epochs); `distrain train --config configs/fashion_mnist_cpu.yaml` runs the whole recipe.
-DEMO_TRAIN = {"data.train_limit": 27000, "train.epochs": 2, "train.name": "demo_best"}
+# training images, 2 epochs, 64 px); `distrain train --config configs/fashion_mnist_cpu.yaml` runs the whole recipe.
+DEMO_TRAIN = {"data.train_limit": 27000, "train.epochs": 2, "data.image_size": 64, "train.name": "demo_best"}
 # The quick variant: same steps, a few hundred images, one epoch per trial, two trials.
 QUICK_SWEEP = {"data.train_limit": 256, "data.val_limit": 128, "train.epochs": 1, "tune.num_samples": 2,
                "tune.scheduler": "fifo", "tune.name": "demo_quick_sweep"}
