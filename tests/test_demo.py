@@ -41,8 +41,12 @@ def test_quick_demo_produces_every_artefact_of_its_report(ray_cluster, tmp_path,
     session = onnxruntime.InferenceSession(report["onnx"])
     assert session.get_inputs()[0].shape[1:] == [3, 64, 64]
     assert report["onnx_max_abs_diff"] < 1e-3
-    # W&B: the offline run of the final training, readable with the wandb library
-    assert "wandb sync" in report["wandb"]
+    # W&B: one offline run per trial, the sweep's summary run and the final run, all in one sync command
+    runs = report["wandb_runs"]
+    assert (len(runs["trials"]), len(runs["sweep"]), len(runs["final"])) == (2, 1, 1)
+    sync = next(line for line in Path(report["report"]).read_text().splitlines() if "wandb sync" in line).split()
+    assert sync[2:] == runs["trials"] + runs["sweep"] + runs["final"]
+    assert all(Path(p).is_dir() for p in sync[2:])
     run_files = sorted((Path(report["run_dir"]) / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(run_files) == 1
     history = read_offline_run(run_files[0], wait_s=20).history
