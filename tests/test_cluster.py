@@ -460,6 +460,24 @@ def _wait_for_jobs_api(cluster: LocalCluster, nodes: int, timeout: float = 60) -
         time.sleep(0.5)
 
 
+@contextlib.contextmanager
+def _serving(cluster: LocalCluster, ready: str, nodes: int, temp: Path):
+    """Wait until the cluster's starter logs `ready` and its jobs API sees `nodes` nodes; at the end stop it (a
+    starter that reads stdin is told by closing it), check nothing of it is left and remove its temp dir."""
+    try:
+        _wait_for_log(cluster.proc, cluster.log, ready)
+        _wait_for_jobs_api(cluster, nodes=nodes)
+        yield cluster
+    finally:
+        if cluster.proc.stdin:
+            cluster.proc.stdin.close()  # the two-node helper shuts its cluster down
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                cluster.proc.wait(timeout=45)
+        cluster.stop()
+        assert not _session(cluster.proc.pid)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 @pytest.fixture(scope="class")
 def head():
     """`ray start --head` on this machine (2 CPUs), bound to 127.0.0.1, in the foreground (--block) so that
@@ -478,15 +496,8 @@ def head():
     log = temp / "ray-start.log"
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    cluster = LocalCluster(f"http://127.0.0.1:{dash}", env, proc, log)
-    try:
-        _wait_for_log(proc, log, "Ray runtime started")
-        _wait_for_jobs_api(cluster, nodes=1)
-        yield cluster
-    finally:
-        cluster.stop()
-        assert not _session(proc.pid)
-        shutil.rmtree(temp, ignore_errors=True)
+    with _serving(LocalCluster(f"http://127.0.0.1:{dash}", env, proc, log), "Ray runtime started", 1, temp) as c:
+        yield c
 
 
 # Run by the `two_nodes` fixture as `python -c HOLD_TWO_NODES TEMP DASHBOARD_PORT AGENT_PORT`: start the cluster,
@@ -534,20 +545,8 @@ def two_nodes():
         proc = subprocess.Popen([sys.executable, "-u", "-c", HOLD_TWO_NODES, str(temp), str(dash),
                                  str(_free_port())], env=env, stdin=subprocess.PIPE, stdout=f,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-    cluster = LocalCluster(f"http://127.0.0.1:{dash}", env, proc, log)
-    try:
-        _wait_for_log(proc, log, "CLUSTER READY")
-        _wait_for_jobs_api(cluster, nodes=2)
-        yield cluster
-    finally:
-        proc.stdin.close()  # the helper shuts its cluster down
-        try:
-            proc.wait(timeout=45)
-        except subprocess.TimeoutExpired:
-            pass
-        cluster.stop()
-        assert not _session(proc.pid)
-        shutil.rmtree(temp, ignore_errors=True)
+    with _serving(LocalCluster(f"http://127.0.0.1:{dash}", env, proc, log), "CLUSTER READY", 2, temp) as c:
+        yield c
 
 
 def _sets(overrides: dict) -> list[str]:
