@@ -1,7 +1,7 @@
 """All benchmarks in one run, written up as BENCHMARKS.md (`make bench`), and the accuracy benchmark.
 
 Usage:
-    distrain bench all --out BENCHMARKS.md     # shards, data, Ray Train vs torchrun, accuracy (~1.5 h on 2 cores)
+    distrain bench all --out BENCHMARKS.md     # shards, data, Ray Train vs torchrun, accuracy (~70 min on 2 cores)
     distrain bench accuracy [--epochs 5]       # Fashion-MNIST: pretrained vs random init; probe vs partial vs full
 
 Every figure is measured in the same run as its baseline, on the same machine, and reported as a ratio where there
@@ -140,7 +140,7 @@ def write_markdown(results: dict, path: Path) -> None:
         "# Benchmarks\n",
         f"Measured by `make bench` on {time.strftime('%Y-%m-%d')}: {m['cpu']}, {m['cores']} cores, "
         f"{m['memory_gb']} GB RAM, GPU: {m['gpu']}; Python {m['python']}, torch {m['torch']}, Ray {m['ray']}. "
-        "Every figure is measured in the same run as its baseline. Rerun: `make bench` (about 1.5 hours on 2 cores; "
+        "Every figure is measured in the same run as its baseline. Rerun: `make bench` (about 70 minutes on 2 cores; "
         "single benchmarks: `distrain bench shards|data|train|accuracy`).\n",
         "## Summary\n", "<!-- summary:start -->", summary, "<!-- summary:end -->\n",
     ]
