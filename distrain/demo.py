@@ -25,7 +25,7 @@ from typing import Any
 from distrain.config import Config, load_config
 
 # The final run of the demo: the recipe of configs/fashion_mnist_cpu.yaml cut to fit the demo's 20 minutes (two
-# thirds of the training images, 3 epochs, 64 px: 4-9 minutes on 2 cores, depending on the unfreeze depth the sweep
+# thirds of the training images, 3 epochs, 64 px: 3.5-7 minutes on 2 cores, depending on the unfreeze depth the sweep
 # picks); `distrain train --config configs/fashion_mnist_cpu.yaml` runs the whole recipe.
 DEMO_TRAIN = {"data.train_limit": 36000, "train.epochs": 3, "data.image_size": 64, "train.name": "demo_best"}
 # The quick variant: same steps, a few hundred images, one epoch per trial, two trials.
