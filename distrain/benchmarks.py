@@ -40,6 +40,7 @@ def _shards(path: Path) -> str:
 
 def _train_and_test(cfg, shards: str, name: str, restart: bool) -> dict:
     from distrain.evaluate import evaluate_model
+    from distrain.shards.manifest import load_manifest
     from distrain.train import fit
 
     log(f"\n--- {name}: {cfg.model.backbone} weights={cfg.model.weights} unfreeze_depth={cfg.model.unfreeze_depth} "
@@ -48,7 +49,8 @@ def _train_and_test(cfg, shards: str, name: str, restart: bool) -> dict:
     test = evaluate_model(summary["model_dir"], shards, "test", out_dir=f"{summary['run_dir']}/eval-test",
                           workers=1, loader_workers=1, progress=False)
     return {"name": name, "weights": cfg.model.weights, "unfreeze_depth": str(cfg.model.unfreeze_depth),
-            "epochs": cfg.train.epochs, "train_images_per_epoch": cfg.data.train_limit or 54000,
+            "epochs": cfg.train.epochs, "train_images_per_epoch": cfg.data.train_limit
+            or load_manifest(shards).splits[cfg.data.train_split].num_samples,
             "test_top1": round(test["top1"], 4), "best_val_top1": round(summary["best_val_top1"], 4),
             "train_minutes": round(summary["wall_s"] / 60, 1),
             "images_per_s": round(summary["images_per_s"], 1), "run_dir": summary["run_dir"]}

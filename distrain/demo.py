@@ -119,7 +119,6 @@ def run_demo(root: str | Path = ".", *, quick: bool = False, log=print) -> dict[
         "metrics_json": metrics["metrics_json"],
         "onnx": exported["out"],
         "onnx_max_abs_diff": exported["max_abs_diff"],
-        "wandb": summary.get("wandb_sync"),
         "wandb_runs": _offline_runs(Path(sweep.summary["sweep_dir"]), Path(summary["run_dir"])),
         "minutes": round((time.perf_counter() - t0) / 60, 1),
     }
@@ -174,4 +173,3 @@ def _format_wandb(r: dict[str, Any]) -> str:
              "", "Upload them all with:", "", "    wandb sync " + " ".join(
                  found["trials"] + found["sweep"] + found["final"])]
     return "\n".join(lines)
-

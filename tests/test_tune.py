@@ -369,7 +369,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster
     second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     figures = json.loads(second.stdout.strip().splitlines()[-1])  # the last line is the JSON
-    assert figures["resumed"] is True and figures["num_trials"] == 2 and figures["num_completed"] == 2
+    assert figures["resumed"] is True and figures["num_trials"] == 2 and figures["num_completed"] == 2, (
+        second.stdout[-3000:] + second.stderr[-2000:])  # the trial table names the other trial's status
     assert set(figures) >= {"best_val_top1", "best_config", "trials_csv", "best_model", "num_trials"}
     assert Path(figures["best_config"]).exists() and Path(figures["best_model"], "config.json").exists()
     # The finished trial was not run again: one start, its run folder untouched.
