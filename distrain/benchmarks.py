@@ -39,7 +39,7 @@ def _shards(path: Path) -> str:
 
 
 def _train_and_test(cfg, shards: str, name: str, restart: bool) -> dict:
-    from distrain.evaluate import evaluate_model
+    from distrain.inference.evaluate import evaluate_model
     from distrain.shards.manifest import load_manifest
     from distrain.train import fit
 

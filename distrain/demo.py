@@ -54,8 +54,8 @@ def _searched_values(best_cfg: Config, space: dict) -> dict[str, Any]:
 
 def run_demo(root: str | Path = ".", *, quick: bool = False, log=print) -> dict[str, Any]:
     from distrain import runtime
-    from distrain.evaluate import evaluate_model
-    from distrain.export import export_model
+    from distrain.inference.evaluate import evaluate_model
+    from distrain.inference.export import export_model
     from distrain.shards.build import BuildOptions, build_shards
     from distrain.train import fit
     from distrain.tune.sweep import run_sweep

@@ -8,7 +8,9 @@ Usage:
     meter.compute(class_names)                        # {'loss', 'top1', 'top5', 'count', 'per_class_acc', ...}
 
 Everything is kept as sums (a confusion matrix, loss sum, top-5 hits, count), never as per-rank averages, so the
-result of world size 1 and world size N over the same samples is identical, not just close.
+result of world size 1 and world size N over the same samples is identical, not just close. The validation loader
+sends every sample exactly once to exactly one rank and marks padding `valid=False`, so the summed matrix equals a
+single-process evaluation.
 """
 
 from __future__ import annotations
@@ -82,3 +84,14 @@ def summarize_confusion(conf: np.ndarray, class_names: list[str] | None = None) 
         "macro_f1": float(f1[support > 0].mean()) if (support > 0).any() else 0.0,
         "confusion": conf.tolist(),
     }
+
+
+def reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of `t` over all ranks (a copy; `t` itself when not distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    t = t.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t

@@ -82,12 +82,18 @@ def connect(num_cpus: int | None = None, num_gpus: int | None = None, object_sto
     return ray
 
 
-def _started_cluster_here() -> bool:
-    try:
-        from ray._private.utils import read_ray_address
+def connected() -> bool:
+    import ray
 
-        return bool(read_ray_address())
-    except Exception:  # private API: if it moved, behave as if no cluster runs here
+    return ray.is_initialized()
+
+
+def _started_cluster_here() -> bool:
+    from distrain import _compat
+
+    try:
+        return bool(_compat.ray_address_on_this_machine())
+    except _compat.CompatError:  # if it moved, behave as if no cluster runs here (tests/test_compat.py says so)
         return False
 
 
@@ -96,9 +102,9 @@ def _loopback_only() -> None:
     single-node cluster (it refuses loopback unless multi-node support is off, as on macOS/Windows)."""
     os.environ.setdefault(LOOPBACK_ENV_VAR, "0")
     if os.environ[LOOPBACK_ENV_VAR] == "0":
-        from ray._private import ray_constants  # already imported by `import ray`; read at call time
+        from distrain import _compat
 
-        ray_constants.ENABLE_RAY_CLUSTER = False
+        _compat.bind_local_cluster_to_loopback()
 
 
 def local_cluster_env() -> dict[str, str]:

@@ -7,8 +7,8 @@ import onnxruntime
 import pytest
 
 from distrain.demo import run_demo
-from distrain.modeldir import load_model_dir
-from distrain.tracking import read_offline_run
+from distrain.models.folder import load_model_dir
+from tests.wandb_offline import read_offline_run
 
 ROOT = Path(__file__).resolve().parents[1]
 

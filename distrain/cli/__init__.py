@@ -37,18 +37,6 @@ class CommandError(Exception):
     """An error a command reports as one clear line (exit code 2), without a traceback."""
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, required: bool = False) -> None:
-    parser.add_argument("--config", "-c", required=required, help="YAML config file (see configs/)")
-    parser.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set optim.lr=3e-4 (repeatable)")
-
-
-def config_from_args(args: argparse.Namespace):
-    from distrain.config import load_config
-
-    return load_config(args.config, args.overrides)
-
-
 def emit_json(figures: dict) -> None:
     """The last line of a command that produces figures: one JSON object."""
     try:

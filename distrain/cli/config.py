@@ -1,6 +1,6 @@
 """`distrain config [--config F] [--set k=v]` prints the resolved config; `--reference` the field reference."""
 
-from distrain.cli import add_config_arguments, config_from_args
+from distrain.config.args import add_config_arguments, config_from_args
 
 
 def add_arguments(parser):

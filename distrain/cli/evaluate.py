@@ -33,8 +33,8 @@ def add_arguments(parser):
 
 def run(args) -> int:
     from distrain.data.sources import DataError
-    from distrain.evaluate import EvalError, evaluate_model, format_report
-    from distrain.modeldir import ModelDirError
+    from distrain.inference.evaluate import EvalError, evaluate_model, format_report
+    from distrain.models.folder import ModelDirError
 
     try:
         result = evaluate_model(args.model, args.data, args.split, out_dir=args.out, workers=args.workers,

@@ -22,8 +22,8 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from distrain.export import ExportError, export_model
-    from distrain.modeldir import ModelDirError
+    from distrain.inference.export import ExportError, export_model
+    from distrain.models.folder import ModelDirError
 
     try:
         r = export_model(args.model, args.format, args.out, input_kind=args.input, opset=args.opset,

@@ -32,9 +32,9 @@ def run(args) -> int:
     import sys
 
     from distrain.data.sources import DataError
-    from distrain.evaluate import EvalError
-    from distrain.modeldir import ModelDirError
-    from distrain.predict import PredictError, Predictor, list_images, predict_shards, write_predictions
+    from distrain.inference.evaluate import EvalError
+    from distrain.inference.predict import PredictError, Predictor, list_images, predict_shards, write_predictions
+    from distrain.models.folder import ModelDirError
 
     if args.top_k < 1:
         raise CommandError(f"--top-k must be >= 1, got {args.top_k}")

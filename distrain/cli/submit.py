@@ -46,7 +46,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from distrain.submit import SubmitOptions, SubmitRefused, submit
+    from distrain.launch import SubmitOptions, SubmitRefused, submit
 
     if not args.command:
         raise CommandError("nothing to submit: add the command after `--`, e.g. `distrain submit --address "

@@ -5,12 +5,12 @@ Connects to the Ray cluster in RAY_ADDRESS (or starts a local one), runs the tra
 entrypoint of `ray job submit` unchanged.
 """
 
-from distrain.cli import CommandError, add_config_arguments, config_from_args, emit_json
+from distrain.cli import CommandError, emit_json
+from distrain.config.args import add_run_arguments, config_from_args
 
 
 def add_arguments(parser):
-    add_config_arguments(parser)
-    parser.add_argument("--restart", action="store_true", help="start over instead of resuming the run folder")
+    add_run_arguments(parser, "train")
 
 
 def run(args) -> int:

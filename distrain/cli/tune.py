@@ -8,15 +8,12 @@ config), trials_csv, best_model and num_trials. Works as the entrypoint of `ray 
 
 import sys
 
-from distrain.cli import CommandError, add_config_arguments, config_from_args, emit_json
+from distrain.cli import CommandError, emit_json
+from distrain.config.args import add_run_arguments, config_from_args
 
 
 def add_arguments(parser):
-    add_config_arguments(parser)
-    parser.add_argument("--restart", action="store_true",
-                        help="delete the sweep folder (all its trials) and start over instead of resuming")
-    parser.add_argument("--retry-failed", action="store_true",
-                        help="when resuming, run failed trials again (from their last checkpoint)")
+    add_run_arguments(parser, "tune")
 
 
 def run(args) -> int:

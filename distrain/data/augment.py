@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from distrain.data.decode import Box, decode_crop
+from distrain.data.decode import Box, crop_resize, decode_crop
 
 FILL = (124, 116, 104)  # ImageNet mean in uint8: what geometric ops show where the image moved away
 
@@ -272,6 +272,11 @@ class ImageTransform:
         if rng.random() < p.erase_prob:
             img = random_erase(np.ascontiguousarray(img), rng)
         return img
+
+    def center(self, img: np.ndarray) -> np.ndarray:
+        """The evaluation crop of an already decoded (H, W, 3) uint8 RGB image (predict decodes files itself)."""
+        h, w = img.shape[:2]
+        return crop_resize(img, (h, w), center_box(h, w, self.crop_pct), self.size)
 
     def torchvision_equivalent(self):
         """The same mapping with torchvision transforms on PIL images (the benchmark's ImageFolder baseline)."""

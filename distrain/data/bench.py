@@ -94,9 +94,10 @@ def make_bench_shards(out_dir: str | Path, num_images: int = 1536, per_shard: in
 
 def unpack_to_folder(shards: str, split: str, folder: str | Path, limit: int) -> tuple[int, float]:
     """The samples create_loader(limit=limit) reads, as folder/<class>/<key>.<ext>; (count, mean pixels)."""
-    from distrain.data.decode import IMAGE_EXTS, jpeg_size
+    from distrain.data.decode import jpeg_size
     from distrain.data.plan import stratified_limit
     from distrain.data.sources import iter_samples
+    from distrain.images import IMAGE_KEYS
     from distrain.shards.manifest import load_manifest
 
     m = load_manifest(shards)
@@ -104,7 +105,7 @@ def unpack_to_folder(shards: str, split: str, folder: str | Path, limit: int) ->
     n, pixels = 0, []
     for url, count in zip(m.shard_urls(split), counts):
         for sample in iter_samples(url, 0, count):
-            ext = next(e for e in IMAGE_EXTS if e in sample)
+            ext = next(e for e in IMAGE_KEYS if e in sample)
             d = Path(folder) / f"{int(sample['cls']):04d}"
             d.mkdir(parents=True, exist_ok=True)
             (d / f"{sample['__key__'].replace('/', '_')}.{ext}").write_bytes(sample[ext])

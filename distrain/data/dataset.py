@@ -24,9 +24,10 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from distrain.data.augment import ImageTransform
-from distrain.data.decode import IMAGE_EXTS, DecodeError
+from distrain.data.decode import DecodeError
 from distrain.data.plan import Plan, WorkerPlan, make_plan
 from distrain.data.sources import DataError, ShardSet, iter_samples
+from distrain.images import IMAGE_KEYS
 
 PAD_LABEL = -1  # label of padding rows (valid=False): indexing with it fails loudly if the mask is forgotten
 
@@ -157,7 +158,7 @@ class ShardStream(IterableDataset):
 
     @staticmethod
     def _image(sample: dict) -> tuple[bytes, str]:
-        for ext in IMAGE_EXTS:
+        for ext in IMAGE_KEYS:
             if ext in sample:
                 return sample[ext], ext
         has = ", ".join(k for k in sample if not k.startswith("__")) or "nothing"

@@ -24,8 +24,7 @@ import cv2
 import numpy as np
 import simplejpeg
 
-JPEG_EXTS = ("jpg", "jpeg")
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
+from distrain.images import JPEG_KEYS
 
 # (top, left, height, width) of the crop in the image's original pixel coordinates, from its (height, width).
 Box = tuple[float, float, float, float]
@@ -103,7 +102,7 @@ def decode_crop(data: bytes, ext: str, box: Callable[[int, int], Box], size: int
 
     fast: libjpeg-turbo's fast DCT and chroma upsampling (~8 % faster, slightly less exact); for training.
     """
-    hw = jpeg_size(data) if ext in JPEG_EXTS else None
+    hw = jpeg_size(data) if ext in JPEG_KEYS else None
     if hw is not None:
         h, w = hw
         top, left, bh, bw = box(h, w)
@@ -120,6 +119,14 @@ def decode_crop(data: bytes, ext: str, box: Callable[[int, int], Box], size: int
         img = _decode_full(data)
         h, w = img.shape[:2]
         top, left, bh, bw = box(h, w)
+    return crop_resize(img, (h, w), (top, left, bh, bw), size)
+
+
+def crop_resize(img: np.ndarray, original_hw: tuple[int, int], box: Box, size: int) -> np.ndarray:
+    """Cut `box` (in the coordinates of an image of `original_hw`; `img` may be that image decoded at reduced
+    scale) and resize it to size x size: (size, size, 3) uint8, C-contiguous."""
+    h, w = original_hw
+    top, left, bh, bw = box
     fy, fx = img.shape[0] / h, img.shape[1] / w
     y0, x0 = round(top * fy), round(left * fx)
     y1 = max(y0 + 1, min(img.shape[0], round((top + bh) * fy)))

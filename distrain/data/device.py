@@ -1,8 +1,10 @@
 """On the device: uint8 batches become normalized float tensors there, and Mixup/CutMix mix them there.
 
 Usage:
-    from distrain.data import to_device, Mixup
+    from distrain.data import to_device, BatchToDevice, Mixup
     x = to_device(batch.images, device, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    prepare = BatchToDevice(device, mean, std, channels_last=True)
+    x = prepare(batch)                                 # the same, for a loader Batch
     mix = Mixup(mixup_alpha=0.2, cutmix_alpha=1.0, num_classes=10, seed=rank)
     x, targets = mix(x, batch.labels.to(device))      # targets: float [B, num_classes], rows sum to 1
     loss = torch.nn.functional.cross_entropy(model(x), targets)
@@ -47,6 +49,21 @@ def to_device(images: torch.Tensor, device: torch.device | str, mean=(0.485, 0.4
     x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     scale, shift = _affine(tuple(float(v) for v in mean), tuple(float(v) for v in std), str(device), dtype)
     return x.to(dtype).mul_(scale).sub_(shift)
+
+
+class BatchToDevice:
+    """A loader Batch → the model's normalized input on the device (what the training step and validation call)."""
+
+    def __init__(self, device, mean, std, channels_last: bool = True, dtype: torch.dtype = torch.float32):
+        self.device, self.mean, self.std = torch.device(device), tuple(mean), tuple(std)
+        self.channels_last, self.dtype = channels_last, dtype
+
+    def __call__(self, batch) -> torch.Tensor:
+        return to_device(batch.images, self.device, self.mean, self.std, self.channels_last, self.dtype)
+
+    def images(self, batch) -> torch.Tensor:
+        """The batch's uint8 images [B, 3, H, W] on the CPU (for tables of misclassified images)."""
+        return batch.images
 
 
 def one_hot(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:

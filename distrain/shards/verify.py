@@ -23,9 +23,8 @@ from dataclasses import dataclass, field
 
 import fsspec
 
+from distrain.images import IMAGE_KEYS
 from distrain.shards.manifest import Manifest, resolve_url
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 @dataclass
@@ -82,7 +81,7 @@ def iter_samples(stream) -> Iterator[tuple[str, dict[str, bytes]]]:
 def _check_sample(where: str, key: str, sample: dict, num_classes: int,
                   decode: bool) -> tuple[int | None, list]:
     problems = []
-    images = [e for e in sample if e in IMAGE_EXTS]
+    images = [e for e in sample if e in IMAGE_KEYS]
     if len(images) != 1:
         problems.append(f"{where}: sample {key} has {len(images)} images ({', '.join(sample)})")
     if "json" not in sample:

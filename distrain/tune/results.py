@@ -5,25 +5,27 @@ Usage:
     trials = collect_trials(result_grid, sweep_dir, cfg)       # [TrialRecord], in trial order
     summary = write_outputs(trials, cfg, space, sweep_dir)     # trials.csv, best.yaml, best_model/, summary.json
 
-A trial's numbers come from its Ray Train run folder (`<sweep_dir>/runs/<trial>/`), not from Tune's result: the
-latest checkpoint there holds the whole epoch history, including epochs trained before an interrupted sweep was
-resumed, and it exists for trials that ASHA stopped (Tune's `Result.metrics` is empty for those, since the
-checkpoints are Train's, not Tune's). Stop reasons: `completed` (all train.epochs ran), `stopped early by ASHA`
-(fewer epochs, no error), `failed: <error>` (the trial raised: non-finite loss, a worker that kept dying, ...).
+A trial's numbers come from its Ray Train run folder (`<sweep_dir>/runs/<trial>/`, read through
+distrain.train.checkpoint), not from Tune's result: the latest checkpoint there holds the whole epoch history,
+including epochs trained before an interrupted sweep was resumed, and it exists for trials that ASHA stopped (Tune's
+`Result.metrics` is empty for those, since the checkpoints are Train's, not Tune's). Stop reasons: `completed` (all
+train.epochs ran), `stopped early by ASHA` (fewer epochs, no error), `failed: <error>` (the trial raised: non-finite
+loss, a worker that kept dying, ...).
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from distrain import storage
 from distrain.config import Config, to_yaml
-from distrain.train.run import _fs, checkpoint_to_model_dir
+from distrain.console import warn
+from distrain.train import checkpoint
 from distrain.tune.trial import RUNS, stopped_by_tune
 
 
@@ -101,19 +103,7 @@ def error_text(error: BaseException | None) -> str | None:
 
 def read_run(run_dir: str) -> tuple[list[dict], list[tuple[str, dict]]]:
     """(epoch history, kept checkpoints) of a Ray Train run folder; empty when it never checkpointed."""
-    fs, path = _fs(run_dir)
-    snapshot = f"{path}/checkpoint_manager_snapshot.json"
-    if not fs.exists(snapshot):
-        return [], []
-    data = json.loads(fs.cat_file(snapshot))
-    checkpoints = [(f"{run_dir}/{c['checkpoint_dir_name']}", c.get("metrics") or {})
-                   for c in data.get("checkpoint_results") or []]
-    latest = (data.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
-    history: list[dict] = []
-    if latest and fs.exists(f"{path}/{latest}/meta.json"):
-        meta = json.loads(fs.cat_file(f"{path}/{latest}/meta.json"))
-        history = [{k: v for k, v in h.items() if k != "val_per_class_acc"} for h in meta.get("history") or []]
-    return history, checkpoints
+    return checkpoint.history(run_dir), checkpoint.kept(run_dir)
 
 
 def plain(value: Any) -> Any:
@@ -191,18 +181,13 @@ def write_csv(table: list[dict[str, Any]], url: str) -> str:
     writer = csv.DictWriter(buf, fieldnames=list(table[0]) if table else ["trial"])
     writer.writeheader()
     writer.writerows(table)
-    fs, path = _fs(url)
-    with fs.open(path, "w") as f:
-        f.write(buf.getvalue())
-    return url
+    return storage.write_text(url, buf.getvalue())
 
 
 def best_config(cfg: Config, best: TrialRecord) -> Config:
     """The base config with the best trial's values: a `distrain train` config, search space cleared."""
-    out = cfg.replace(best.params)
-    out.tune.space = {}
-    out.train.name = f"{cfg.tune.name}_best"
-    return out
+    return cfg.replace({**best.params, "tune.space": {}, "train.name": f"{cfg.tune.name}_best",
+                        "train.job_type": "train", "train.group": ""})
 
 
 def write_outputs(trials: list[TrialRecord], cfg: Config, keys: list[str], sweep_dir: str) -> dict[str, Any]:
@@ -221,26 +206,22 @@ def write_outputs(trials: list[TrialRecord], cfg: Config, keys: list[str], sweep
     }
     if best is not None:
         best_epoch = best.best(metric, mode)
-        fs, path = _fs(sweep_dir)
         best_yaml = f"{sweep_dir}/best.yaml"
         header = (f"# Best trial {best.name} of sweep {cfg.tune.name}: {metric} {best_epoch[metric]:.4f} at epoch "
                   f"{best_epoch['epoch']}.\n# Train it: distrain train --config {best_yaml}\n")
-        with fs.open(f"{path}/best.yaml", "w") as f:
-            f.write(header + to_yaml(best_config(cfg, best)))
+        storage.write_text(best_yaml, header + to_yaml(best_config(cfg, best)))
         model_dir = None
         ckpt = best.best_checkpoint(metric, mode)
         try:
             if ckpt is None:
                 raise FileNotFoundError(f"no checkpoint of {best.run_dir} is kept")
-            model_dir = checkpoint_to_model_dir(ckpt, f"{sweep_dir}/best_model", provenance={
+            model_dir = checkpoint.to_model_dir(ckpt, f"{sweep_dir}/best_model", provenance={
                 "sweep": cfg.tune.name, "trial": best.name, "run_dir": best.run_dir, "checkpoint": ckpt,
                 "params": best.params, metric: best_epoch[metric]})
         except Exception as e:  # the table and best.yaml are still worth having
-            print(f"[distrain] warning: best_model/ not written ({type(e).__name__}: {e})", flush=True)
+            warn(f"best_model/ not written ({type(e).__name__}: {e})")
         summary.update({"best_val_top1": best.best_val_top1, "best_config": best_yaml, "best_model": model_dir,
                         "best_trial": best.name, "best_params": best.params, "best_metric": best_epoch[metric],
                         "best_epoch": best_epoch["epoch"], "best_run_dir": best.run_dir})
-    fs, path = _fs(sweep_dir)
-    with fs.open(f"{path}/summary.json", "w") as f:
-        f.write(json.dumps({**summary, "trials": table}, indent=2, default=str))
+    storage.write_json(f"{sweep_dir}/summary.json", {**summary, "trials": table})
     return summary

@@ -20,18 +20,19 @@ workers fit into the cluster's CPUs (and GPUs) at once.
 
 Folders. `<scaling.storage_path>/<tune.name>/` is the sweep: Tune's experiment state and one folder per trial, plus
 `runs/<trial>/` (each trial's Ray Train run folder: checkpoints, model/, summary.json), `attempts/<trial>/` (one
-record per start of a trial), and at the end `trials.csv`, `best.yaml`, `best_model/` and `summary.json`.
+record per start of a trial), and at the end `trials.csv`, `best.yaml`, `best_model/` and `summary.json`. The folder
+carries distrain's marker (`.distrain.json`) and, while a sweep runs, its lock (`.distrain.lock`).
 
 Resume. The sweep name is stable: running the same command again restores the sweep (`Tuner.restore`): finished
 trials keep their results and are not run again, interrupted ones continue from their last Train checkpoint, failed
-ones stay failed unless `retry_failed`. `restart=True` deletes the sweep folder first. A config that differs from
-the one the sweep was started with (other than W&B settings) is refused rather than silently mixed.
+ones stay failed unless `retry_failed`. `restart=True` deletes the sweep folder first (only a folder distrain
+made, only after every check passed). A config that differs from the one the sweep was started with (other than W&B
+settings) is refused rather than silently mixed.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -39,19 +40,15 @@ from typing import Any
 
 import yaml
 
+from distrain import _compat, storage
 from distrain.config import Config, ConfigError, from_dict, to_yaml
-from distrain.train.run import (
-    TrainingError,
-    _fs,
-    absolute_paths,
-    cpus_per_worker,
-    preflight,
-    resolve_gpu,
-    storage_root,
-)
+from distrain.console import say, warn
+from distrain.train import placement
+from distrain.train.preflight import PreflightError, check_cluster
+from distrain.train.run import absolute_paths
 from distrain.tune.results import best_trial, collect_trials, format_table, rows, write_outputs
 from distrain.tune.space import Dist, num_grid_points, parse_space
-from distrain.tune.trial import RUNS, say, trial_trainable
+from distrain.tune.trial import trial_trainable
 
 SWEEP_CONFIG = "sweep_config.yaml"
 # Keys that may differ between the first run of a sweep and its resumption (everything else is the sweep's
@@ -78,8 +75,7 @@ class Sweep:
         return format_table(self.table)
 
 
-def sweep_dir_of(cfg: Config) -> str:
-    return storage_root(cfg).rstrip("/") + "/" + cfg.tune.name
+sweep_dir_of = storage.sweep_folder
 
 
 def trial_name(trial) -> str:
@@ -116,16 +112,13 @@ def check_plan(cfg: Config, space: dict[str, Dist]) -> None:
 
 def trial_needs(cfg: Config, cluster: dict) -> dict[str, float]:
     """CPUs and GPUs one trial's workers hold (its driver holds none)."""
-    need = {"CPU": float(cfg.scaling.num_workers * cpus_per_worker(cfg)), "GPU": 0.0}
-    if resolve_gpu(cfg, cluster):
-        need["GPU"] = cfg.scaling.num_workers * cfg.scaling.gpus_per_worker
-    return need
+    return {"GPU": 0.0, **placement.run_needs(cfg, placement.use_gpu(cfg, cluster))}
 
 
 def plan_concurrency(cfg: Config, cluster: dict, total_trials: int) -> int:
     """tune.max_concurrent_trials, or how many trials' workers the cluster holds at once."""
     need = trial_needs(cfg, cluster)
-    fits = min(math.floor(cluster.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0)
+    fits = placement.trials_that_fit(cfg, cluster)
     fixed_cluster = not os.environ.get("RAY_ADDRESS")  # an embedded cluster cannot grow; a remote one may
     wanted = cfg.tune.max_concurrent_trials
     if wanted:
@@ -179,11 +172,11 @@ def _comparable(cfg: Config) -> dict[str, Any]:
 
 def check_same_sweep(cfg: Config, sweep_dir: str) -> None:
     """A resumed sweep must run the config it started with: refuse a changed one, naming what changed."""
-    fs, path = _fs(f"{sweep_dir}/{SWEEP_CONFIG}")
-    if not fs.exists(path):
+    url = f"{sweep_dir}/{SWEEP_CONFIG}"
+    if not storage.exists(url):
         return
     try:
-        saved = from_dict(yaml.safe_load(fs.cat_file(path)), f"{sweep_dir}/{SWEEP_CONFIG}")
+        saved = from_dict(yaml.safe_load(storage.read_text(url)), url)
     except (ConfigError, yaml.YAMLError) as e:
         raise SweepError(f"{sweep_dir}/{SWEEP_CONFIG} no longer loads ({e}): use --restart") from None
     old, new = _comparable(saved), _comparable(cfg)
@@ -194,39 +187,83 @@ def check_same_sweep(cfg: Config, sweep_dir: str) -> None:
                          f"another tune.name")
 
 
-def _remove(url: str) -> None:
-    fs, path = _fs(url)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
-
-
 # ------------------------------------------------------------------------------------------------ the sweep
 
 
 def run_sweep(cfg: Config, *, restart: bool = False, retry_failed: bool = False) -> Sweep:
     """Run (or resume) the sweep `cfg.tune` describes over `cfg`, to the end; write and return its results."""
-    import ray
-    from ray import tune
 
-    from distrain import runtime
 
     cfg = absolute_paths(cfg)
     space = parse_space(cfg)  # bad keys and distributions fail here, before Ray starts
     check_plan(cfg, space)
     total = cfg.tune.num_samples * num_grid_points(space)
     sweep_dir = sweep_dir_of(cfg)
-    if restart:
-        _remove(sweep_dir)
-    else:
-        check_same_sweep(cfg, sweep_dir)  # before Ray starts: a changed config is refused at once
+    preflight_sweep(cfg, space, sweep_dir, restart)
+    lock = storage.RunLock(sweep_dir, "sweep", log=say)
+    try:
+        lock.acquire()
+    except storage.StorageError as e:
+        raise SweepError(str(e)) from None
+    try:
+        return _run(cfg, space, total, sweep_dir, lock, restart, retry_failed)
+    finally:
+        lock.release()
+
+
+def preflight_sweep(cfg: Config, space: dict[str, Dist], sweep_dir: str, restart: bool) -> None:
+    """What a sweep can check before Ray starts: the config it resumes, the shards, a model skeleton for every
+    searched depth, the weights, and that the sweep folder is distrain's (or new) and writable."""
+    from distrain.train.preflight import check_model, check_shards
+
+    if not restart:
+        check_same_sweep(cfg, sweep_dir)  # a changed config is refused at once
+    try:
+        manifest = check_shards(cfg)
+        depths = space["model.unfreeze_depth"].extremes() if "model.unfreeze_depth" in space else []
+        for depth in [cfg.model.unfreeze_depth, *depths]:
+            check_model(cfg.replace({"model.unfreeze_depth": depth}), list(manifest.classes))
+    except PreflightError as e:
+        raise SweepError(str(e)) from None
+    marker = storage.owner(sweep_dir)
+    if marker is not None and marker.get("kind") != "sweep":
+        raise SweepError(f"{sweep_dir} is a {marker.get('kind')} folder of distrain's, not a sweep: choose another "
+                         f"tune.name")
+    if marker is None and storage.exists(sweep_dir) and not storage.is_empty(sweep_dir) \
+            and not storage.exists(storage.join(sweep_dir, SWEEP_CONFIG)):
+        raise SweepError(f"{sweep_dir} exists and distrain did not create it (no {storage.MARKER}): nothing was "
+                         f"touched; choose another tune.name or scaling.storage_path")
+    try:
+        storage.check_writable(sweep_dir)
+    except storage.StorageError as e:
+        raise SweepError(f"scaling.storage_path: {e}") from None
+
+
+def _run(cfg: Config, space: dict[str, Dist], total: int, sweep_dir: str, lock, restart: bool,
+         retry_failed: bool) -> Sweep:
+    import ray
+    from ray import tune
+
+    from distrain import runtime
+
     if not ray.is_initialized():
         runtime.connect()
     cluster = runtime.cluster_summary()
     try:
-        preflight(cfg, cluster, run_dir=f"{sweep_dir}/{RUNS}")  # shards, storage, a trial's workers fit
-    except TrainingError as e:
+        check_cluster(cfg, cluster)  # a trial's workers fit, storage every node sees
+    except PreflightError as e:
         raise SweepError(str(e)) from None
     concurrency = plan_concurrency(cfg, cluster, total)
+    if restart:
+        try:
+            if storage.owner(sweep_dir) is not None or not storage.exists(storage.join(sweep_dir, SWEEP_CONFIG)):
+                storage.remove_owned(sweep_dir, "sweep", " (--restart deletes only sweep folders distrain made)")
+            else:  # a sweep of an earlier distrain without a marker: its sweep_config.yaml says it is one
+                fs, path = storage.fs_of(sweep_dir)
+                fs.rm(path, recursive=True)
+        except storage.StorageError as e:
+            raise SweepError(str(e)) from None
+        lock.rewrite()
 
     trainable = trial_trainable(base=cfg.to_dict(), sweep=cfg.tune.name, sweep_dir=sweep_dir)
     resumed = not restart and tune.Tuner.can_restore(sweep_dir)
@@ -236,10 +273,8 @@ def run_sweep(cfg: Config, *, restart: bool = False, retry_failed: bool = False)
         tuner = tune.Tuner.restore(sweep_dir, trainable, resume_unfinished=True, resume_errored=retry_failed,
                                    restart_errored=False)
     else:
-        fs, path = _fs(sweep_dir)
-        fs.makedirs(path, exist_ok=True)
-        with fs.open(f"{path}/{SWEEP_CONFIG}", "w") as f:
-            f.write(to_yaml(cfg))
+        storage.mark(sweep_dir, "sweep", name=cfg.tune.name)
+        storage.write_text(f"{sweep_dir}/{SWEEP_CONFIG}", to_yaml(cfg))
         need = trial_needs(cfg, cluster)
         say(f"sweep {cfg.tune.name}: {total} trial(s) ({cfg.tune.search_alg} search, {cfg.tune.scheduler} "
             f"scheduler), {concurrency} at a time, each {cfg.scaling.num_workers} worker(s) holding {_needs(need)}; "
@@ -253,7 +288,7 @@ def run_sweep(cfg: Config, *, restart: bool = False, retry_failed: bool = False)
                 reuse_actors=False,
                 trial_name_creator=trial_name, trial_dirname_creator=trial_name),
             run_config=tune.RunConfig(
-                name=cfg.tune.name, storage_path=storage_root(cfg), verbose=1,
+                name=cfg.tune.name, storage_path=storage.absolute(cfg.scaling.storage_path), verbose=1,
                 # A failed trial is a result (bad hyperparameters), not something to retry; worker faults inside a
                 # trial are Ray Train's to handle (train.max_failures).
                 failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
@@ -285,7 +320,7 @@ def _unfinished(sweep_dir: str, num_results: int, total: int) -> int:
     """
     missing = max(0, total - num_results)
     try:
-        fs, path = _fs(sweep_dir)
+        fs, path = storage.fs_of(sweep_dir)
         states = sorted(fs.glob(f"{path}/experiment_state-*.json"))
         if not states:
             return missing
@@ -298,22 +333,17 @@ def _unfinished(sweep_dir: str, num_results: int, total: int) -> int:
 
 def _log_sweep(cfg: Config, table: list[dict], trials, summary: dict, sweep_dir: str) -> None:
     """The sweep's own W&B run (trial table, best trial), when the tracking module provides it; never fatal."""
-    try:
-        from distrain import tracking
-    except Exception:  # tracking is optional here
-        return
-    log = getattr(tracking, "log_sweep_summary", None)
-    if log is None:
-        return
+    from distrain.tracking import log_sweep_summary
+
     best = best_trial(trials, cfg.tune.metric, cfg.tune.mode)
     best_info = {} if best is None else {
         "trial": best.name, "params": best.params, "val_top1": summary.get("best_val_top1"),
         cfg.tune.metric: summary.get("best_metric"), "epoch": summary.get("best_epoch"),
         "config": summary.get("best_config"), "model": summary.get("best_model")}
     try:
-        log(cfg, cfg.tune.name, table, best_info, sweep_dir)
+        log_sweep_summary(cfg, table, best_info, sweep_dir)
     except Exception as e:  # W&B trouble must not cost the sweep's results
-        say(f"warning: W&B sweep summary not logged ({type(e).__name__}: {e})")
+        warn(f"W&B sweep summary not logged ({type(e).__name__}: {e})")
 
 
 # ------------------------------------------------------------------------------------------------ clean-up
@@ -341,20 +371,19 @@ def release_leftovers(keep: set[str] = frozenset(), timeout_s: float = 20.0) -> 
     started); returns their ids. trial.py aborts the Train run of a stopped trial, so normally there are none: this
     is the safety net for trials stopped before their run started, since a leaked group holds its CPUs/GPUs for good.
     """
-    from ray._raylet import PlacementGroupID
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
-
     try:
         deadline = time.monotonic() + timeout_s
         left = [g for g in own_placement_groups() if g["placement_group_id"] not in keep]
         while left and time.monotonic() < deadline:  # Ray Train's own clean-up may still be at work
             time.sleep(1.0)
             left = [g for g in own_placement_groups() if g["placement_group_id"] not in keep]
+        from ray.util.placement_group import remove_placement_group
+
         for g in left:
-            remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(g["placement_group_id"])))
+            remove_placement_group(_compat.placement_group_by_id(g["placement_group_id"]))
         if left:
             say(f"removed {len(left)} placement group(s) left behind by stopped trials")
         return [g["placement_group_id"] for g in left]
     except Exception as e:
-        say(f"warning: could not check for leftover placement groups ({type(e).__name__}: {e})")
+        warn(f"could not check for leftover placement groups ({type(e).__name__}: {e})")
         return []

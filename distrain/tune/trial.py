@@ -4,8 +4,10 @@ Usage (the sweep driver, distrain/tune/sweep.py):
     trainable = trial_trainable(base=cfg.to_dict(), sweep="sweep", sweep_dir="/runs/sweep")
     tune.Tuner(trainable, param_space={...}, ...)
 
-A trial applies its sampled values to the base config and calls `distrain.train.fit()` with Ray Train V2's
-`TuneReportCallback`, which forwards rank 0's report of every epoch to Tune. The trial driver only waits on the Train
+A trial applies its sampled values to the base config, and its identity as config keys (`train.name` = the trial,
+`scaling.storage_path` = the sweep's `runs/`, `train.job_type` = trial, `train.group` = the sweep), and calls
+`distrain.train.fit()` with Ray Train V2's `TuneReportCallback`, which forwards rank 0's report of every epoch to
+Tune. The trial driver only waits on the Train
 controller, so it reserves no CPU (`TRIAL_DRIVER_RESOURCES`).
 
 Why the trainable is a class and not the bare function: when a scheduler (ASHA) stops a trial, Tune calls the trial
@@ -20,13 +22,12 @@ before Tune moves on.
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
 from typing import Any
 
-from distrain.train.run import _fs
+from distrain import _compat, storage
+from distrain.console import say, warn
 
 # What Tune reserves for a trial's driver: no CPU (it only waits on the Train controller, which itself takes none);
 # Tune refuses an empty request, so it asks for a little memory instead.
@@ -36,11 +37,6 @@ ATTEMPTS = "attempts"  # <sweep_dir>/attempts/<trial>/*.json: one record per sta
 
 # State of the trial running in this actor process (Tune runs one trial per actor: reuse_actors=False).
 _ACTIVE: dict[str, Any] = {"queue": None, "stopping": False, "attempt": None}
-
-
-def say(message: str) -> None:
-    sys.stdout.write(f"[distrain] {message}\n")
-    sys.stdout.flush()
 
 
 def run_trial(config: dict, *, base: dict, sweep: str, sweep_dir: str) -> None:
@@ -54,7 +50,8 @@ def run_trial(config: dict, *, base: dict, sweep: str, sweep_dir: str) -> None:
 
     name = tune.get_context().get_trial_name()
     config = {k: v.item() if hasattr(v, "item") else v for k, v in config.items()}  # numpy scalars → Python
-    cfg = from_dict(base).replace(config)
+    cfg = from_dict(base).replace({**config, "train.name": name, "scaling.storage_path": f"{sweep_dir}/{RUNS}",
+                                   "train.job_type": "trial", "train.group": sweep})
     _ACTIVE["attempt"] = record_attempt(sweep_dir, name, config)
     say(f"trial {name} starts: " + ", ".join(f"{k}={v}" for k, v in config.items()))
     callbacks = [TuneReportCallback()]
@@ -65,8 +62,7 @@ def run_trial(config: dict, *, base: dict, sweep: str, sweep_dir: str) -> None:
     try:
         # A non-finite loss or a worker group that keeps failing raises TrainingError: Tune records it as this
         # trial's error and the sweep carries on.
-        fit(cfg, callbacks=callbacks, job_type="trial", group=sweep, run_name=name,
-            storage_path=f"{sweep_dir}/{RUNS}")
+        fit(cfg, callbacks=callbacks)
     except Exception:
         if _ACTIVE["stopping"]:
             return  # Tune stopped the trial and cleanup() aborted its run: not a failure
@@ -78,8 +74,8 @@ def run_trial(config: dict, *, base: dict, sweep: str, sweep_dir: str) -> None:
 def _controller_handle_callback():
     """The Ray Train controller callback class (DeveloperAPI of Train V2), or None if this Ray lacks it."""
     try:
-        from ray.train.v2._internal.execution.callback import ControllerCallback
-    except ImportError:
+        ControllerCallback = _compat.controller_callback_base()
+    except _compat.CompatError:
         return None
 
     class _ControllerHandle(ControllerCallback):
@@ -94,7 +90,7 @@ def _controller_handle_callback():
             try:
                 self._queue.put(ray.get_runtime_context().current_actor, timeout=10)
             except Exception as e:
-                say(f"warning: trial driver not told about its Train controller ({type(e).__name__}: {e})")
+                warn(f"trial driver not told about its Train controller ({type(e).__name__}: {e})")
 
     return _ControllerHandle
 
@@ -124,9 +120,9 @@ def trial_trainable(*, base: dict, sweep: str, sweep_dir: str):
     """The Tune trainable for a sweep: run_trial with its parameters, a cleanup that aborts the Train run, and
     TRIAL_DRIVER_RESOURCES."""
     from ray import tune
-    from ray.tune.trainable.function_trainable import wrap_function
 
-    function = wrap_function(tune.with_parameters(run_trial, base=base, sweep=sweep, sweep_dir=sweep_dir))
+    function = _compat.tune_function_trainable(tune.with_parameters(run_trial, base=base, sweep=sweep,
+                                                                    sweep_dir=sweep_dir))
 
     class DistrainTrial(function):
         def cleanup(self):
@@ -143,10 +139,7 @@ def record_attempt(sweep_dir: str, name: str, params: dict) -> str:
     files work on object stores too. Returns its URL."""
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{time.time_ns() % 10**9:09d}-{os.getpid()}"
     url = f"{sweep_dir}/{ATTEMPTS}/{name}/{stamp}.json"
-    fs, path = _fs(url)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path, "w") as f:
-        f.write(json.dumps({"trial": name, "params": params, "pid": os.getpid(), "started": time.time()}))
+    storage.write_json(url, {"trial": name, "params": params, "pid": os.getpid(), "started": time.time()})
     return url
 
 
@@ -155,18 +148,16 @@ def mark_stopped(url: str | None) -> None:
     if url is None:
         return
     try:
-        fs, path = _fs(url)
-        record = json.loads(fs.cat_file(path))
+        record = storage.read_json(url)
         record["stopped"] = time.time()
-        with fs.open(path, "w") as f:
-            f.write(json.dumps(record))
+        storage.write_json(url, record)
     except Exception as e:  # the table then infers the stop from the epochs run
-        say(f"warning: could not record the stop of {url} ({type(e).__name__}: {e})")
+        warn(f"could not record the stop of {url} ({type(e).__name__}: {e})")
 
 
 def _records(sweep_dir: str, name: str) -> list[str]:
-    fs, path = _fs(f"{sweep_dir}/{ATTEMPTS}/{name}")
-    return sorted(fs.glob(f"{path}/*.json")) if fs.exists(path) else []
+    fs, path = storage.fs_of(f"{sweep_dir}/{ATTEMPTS}/{name}")
+    return [storage.url_of(sweep_dir, p) for p in sorted(fs.glob(f"{path}/*.json"))] if fs.exists(path) else []
 
 
 def attempts(sweep_dir: str, name: str) -> int:
@@ -179,8 +170,7 @@ def stopped_by_tune(sweep_dir: str, name: str) -> bool:
     records = _records(sweep_dir, name)
     if not records:
         return False
-    fs, _ = _fs(sweep_dir)
     try:
-        return "stopped" in json.loads(fs.cat_file(records[-1]))
+        return "stopped" in storage.read_json(records[-1])
     except (OSError, ValueError):
         return False

@@ -1,0 +1,117 @@
+"""The deployment files in cluster/: Ray's launcher schema, KubeRay fields, the Dockerfile, authentication."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distrain.launch import job
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+VENV_BIN = Path(sys.executable).parent
+RAY_PIN = next(d.split("==")[1] for d in
+               __import__("tomllib").loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+               if d.startswith("ray["))
+
+
+# ------------------------------------------------------------------------------------------- deployment files
+
+
+def test_aws_launcher_yaml_validates_against_rays_schema():
+    import jsonschema
+    import ray.autoscaler
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    config = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+    jsonschema.validate(config, schema)
+    validate_config(prepare_config(config))  # what `ray up` runs: defaults filled in, node types cross-checked
+
+    assert config["provider"]["type"] == "aws"
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}  # no training on the head
+    gpu = [t for name, t in types.items() if name != config["head_node_type"]]
+    assert len(gpu) == 1 and gpu[0]["min_workers"] == 0 < gpu[0]["max_workers"] <= config["max_workers"]
+    assert gpu[0]["node_config"]["InstanceType"].startswith(("g", "p"))  # a GPU instance family
+    assert config["docker"]["image"].endswith(":0.1.0")
+    assert any("--shm-size" in o for o in config["docker"]["run_options"])
+    assert "~/.ray/auth_token" in config["file_mounts"].values()
+    start = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in start and "--autoscaling-config=~/ray_bootstrap_config.yaml" in start
+
+
+def _pod_templates(spec: dict) -> list[tuple[str, dict]]:
+    groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
+    return [(name, g["template"]["spec"]) for name, g in groups]
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml"])
+def test_kuberay_manifests_name_the_fields_kuberay_requires(name):
+    doc = yaml.safe_load((CLUSTER / "kuberay" / name).read_text())
+    assert doc["apiVersion"] == "ray.io/v1"
+    assert doc["kind"] == {"raycluster.yaml": "RayCluster", "rayjob.yaml": "RayJob"}[name]
+    spec = doc["spec"]
+    if doc["kind"] == "RayJob":
+        assert spec["entrypoint"].startswith("python -m distrain ")
+        assert spec["shutdownAfterJobFinishes"] is True
+        spec = spec["rayClusterSpec"]
+    assert spec["rayVersion"] == RAY_PIN
+    assert isinstance(spec["headGroupSpec"]["rayStartParams"], dict)
+    workers = spec["workerGroupSpecs"]
+    assert workers
+    for g in workers:
+        assert {"groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams"} <= set(g)
+        assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
+    pvc = yaml.safe_load((CLUSTER / "kuberay" / "storage.yaml").read_text())
+    assert pvc["kind"] == "PersistentVolumeClaim" and pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    images = set()
+    for group, pod in _pod_templates(spec):
+        shared = [v["name"] for v in pod["volumes"]
+                  if v.get("persistentVolumeClaim", {}).get("claimName") == pvc["metadata"]["name"]]
+        assert len(shared) == 1, f"{group}: no volume from the shared PVC"
+        for c in pod["containers"]:
+            images.add(c["image"])
+            limits = c["resources"]["limits"]
+            assert {"cpu", "memory"} <= set(limits)
+            assert ("nvidia.com/gpu" in limits) == (group != "head"), group  # GPUs on workers, not on the head
+            mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+            assert mounts[shared[0]] == "/mnt/shared", f"{group}: shared volume not mounted"
+            key = [e for e in c["env"] if e["name"] == "WANDB_API_KEY"]
+            assert key and key[0]["valueFrom"]["secretKeyRef"]["name"] == "wandb", f"{group}: no W&B secret"
+            assert "value" not in key[0]  # never the key itself
+    assert len(images) == 1  # every pod runs the same image
+
+
+def test_rayjob_entrypoint_is_a_valid_distrain_command_on_the_shared_volume():
+    spec = yaml.safe_load((CLUSTER / "kuberay" / "rayjob.yaml").read_text())["spec"]
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[:3] == ["python", "-m", "distrain"]
+    # The config path is the image's copy of configs/ (WORKDIR /home/ray/distrain in the Dockerfile).
+    in_image = "/home/ray/distrain/"
+    config = argv[argv.index("--config") + 1]
+    assert config.startswith(in_image)
+    local = [a if a != config else str(ROOT / config[len(in_image):]) for a in argv[3:]]
+    command, _, cfg = job.parse_command(local)
+    assert command == "train"
+    assert cfg.data.shards.startswith("/mnt/shared/") and cfg.scaling.storage_path.startswith("/mnt/shared/")
+
+
+def test_dockerfile_builds_the_pinned_stack_from_pyproject():
+    text = (CLUSTER / "Dockerfile").read_text()
+    base = next(line.split("=", 1)[1] for line in text.splitlines() if line.startswith("ARG RAY_IMAGE="))
+    assert base.startswith(f"rayproject/ray:{RAY_PIN}-py311")  # official image, same Ray as the pin
+    assert "FROM ${RAY_IMAGE}" in text
+    assert "tomllib.load(open('pyproject.toml'" in text and "pip install -r /tmp/requirements.txt" in text
+    assert f"ray.__version__ == '{RAY_PIN}'" in text
+    ignore = (CLUSTER / "Dockerfile.dockerignore").read_text().split()
+    assert ignore[ignore.index("*") + 1:][:4] and "!distrain/" in ignore and "!.git" not in ignore
+    assert not any(i.startswith(("!data", "!outputs", "!.venv", "!wandb")) for i in ignore)
+
+
