@@ -115,3 +115,48 @@ def test_dockerfile_builds_the_pinned_stack_from_pyproject():
     assert not any(i.startswith(("!data", "!outputs", "!.venv", "!wandb")) for i in ignore)
 
 
+
+
+def test_kuberay_clusters_require_the_token_and_admit_only_their_own_pods():
+    cluster = yaml.safe_load((CLUSTER / "kuberay" / "raycluster.yaml").read_text())
+    job = yaml.safe_load((CLUSTER / "kuberay" / "rayjob.yaml").read_text())
+    assert cluster["spec"]["authOptions"] == {"mode": "token"}
+    assert job["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    header = (CLUSTER / "kuberay" / "raycluster.yaml").read_text().split("apiVersion")[0]
+    assert "KubeRay v1.5.1 or later" in header and "RAY_AUTH_TOKEN=" in header and "auth_token" in header
+    policy = yaml.safe_load((CLUSTER / "kuberay" / "networkpolicy.yaml").read_text())
+    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["policyTypes"] == ["Ingress"]
+    head = policy["spec"]["podSelector"]["matchLabels"]
+    assert head == {"app.kubernetes.io/name": "distrain", "ray.io/node-type": "head"}
+    (rule,) = policy["spec"]["ingress"]
+    assert sorted(p["port"] for p in rule["ports"]) == [6379, 8265, 10001]
+    assert rule["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "distrain"}}}]
+    # every pod of both manifests carries the label the policy admits (a RayJob's submitter too)
+    for spec in (cluster["spec"], job["spec"]["rayClusterSpec"]):
+        groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+        assert all(g["template"]["metadata"]["labels"]["app.kubernetes.io/name"] == "distrain" for g in groups)
+    assert job["spec"]["submitterPodTemplate"]["metadata"]["labels"] == {"app.kubernetes.io/name": "distrain"}
+
+
+def test_aws_nodes_start_ray_with_token_auth_and_require_imdsv2():
+    config = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in config[key] if "ray start" in c]
+        assert starts and all("RAY_AUTH_MODE=token ray start" in c for c in starts), key
+    for name, node in config["available_node_types"].items():
+        assert node["node_config"]["MetadataOptions"]["HttpTokens"] == "required", name
+    text = (CLUSTER / "aws.yaml").read_text()
+    assert "least-privilege" in text and "IamInstanceProfile" in text
+
+
+def test_runtime_env_keeps_credentials_out_and_the_image_bakes_no_build_arguments():
+    env = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
+    assert {".env", "*.pem", "*.key", ".netrc", ".aws/", ".ssh/"} <= set(env["excludes"])
+    from distrain.launch.workdir import DEFAULT_EXCLUDES
+
+    assert env["excludes"] == DEFAULT_EXCLUDES
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    env_block = [line for line in dockerfile.splitlines() if line.startswith("ENV") or line.startswith("    ")]
+    assert not any("${" in line for line in env_block if "PIP_EXTRA_INDEX_URL" in line)
+    assert "PIP_EXTRA_INDEX_URL=${" not in dockerfile
+    assert "ARG PIP_EXTRA_INDEX_URL" in dockerfile

@@ -37,11 +37,46 @@ class CommandError(Exception):
     """An error a command reports as one clear line (exit code 2), without a traceback."""
 
 
+def count(minimum: int = 0, maximum: int | None = None):
+    """An argparse type: an integer in [minimum, maximum]; anything else is one line naming the value."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+    parse.__name__ = "count"
+    return parse
+
+
+def number(minimum: float | None = None, maximum: float | None = None):
+    """An argparse type: a finite number in [minimum, maximum] (NaN and inf are refused)."""
+    import math
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"must be in [{minimum}, {maximum}], got {value:g}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
 def emit_json(figures: dict) -> None:
-    """The last line of a command that produces figures: one JSON object."""
+    """The last line of a command that produces figures: one JSON object (credentials redacted)."""
+    from distrain.redact import redact
+
     try:
         sys.stdout.flush()
-        print(json.dumps(figures, default=str), flush=True)
+        print(json.dumps(redact(figures), default=str), flush=True)
     except BrokenPipeError:  # `distrain ... | head` closed the pipe: not an error of ours
         sys.stderr.close()
 
@@ -67,13 +102,18 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(f"distrain.cli.{COMMANDS[name][0]}")
     sub = argparse.ArgumentParser(prog=f"distrain {name}", description=COMMANDS[name][1])
     module.add_arguments(sub)
-    args = sub.parse_args(rest)
+    try:
+        args = sub.parse_args(rest)
+    except SystemExit as e:  # argparse has printed the usage and the one-line reason
+        return int(e.code or 0)
     from distrain.config import ConfigError
 
     try:
         return int(module.run(args) or 0)
     except (CommandError, ConfigError) as e:
-        print(f"distrain {name}: error: {e}", file=sys.stderr)
+        from distrain.redact import redact_text
+
+        print(f"distrain {name}: error: {redact_text(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"distrain {name}: interrupted", file=sys.stderr)

@@ -8,7 +8,7 @@ confusion.png and errors.png (the most confident mistakes) to `--out` (default `
 ends with one JSON line: top1, top5, count, macro_f1, metrics_json, confusion_png, errors_png.
 """
 
-from distrain.cli import CommandError, emit_json
+from distrain.cli import CommandError, count, emit_json
 
 
 def add_arguments(parser):
@@ -16,18 +16,18 @@ def add_arguments(parser):
     parser.add_argument("--data", "-d", required=True, help="shards folder (or SHARDS/<split>), local or URL")
     parser.add_argument("--split", help="split to evaluate (default: test if the shards have one, else val)")
     parser.add_argument("--out", "-o", help="output folder (default: <model>/../eval-<split>)")
-    parser.add_argument("--workers", "-w", type=int, default=1,
+    parser.add_argument("--workers", "-w", type=count(1), default=1,
                         help="Ray tasks, each evaluating its exact-once share (default 1 = in this process)")
     parser.add_argument("--local", action="store_true", help="run in this process without Ray")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--loader-workers", type=int, default=1, help="decode processes per worker")
-    parser.add_argument("--worst", type=int, default=16, help="misclassified images in errors.png")
+    parser.add_argument("--batch-size", type=count(1), default=64)
+    parser.add_argument("--loader-workers", type=count(0), default=1, help="decode processes per worker")
+    parser.add_argument("--worst", type=count(0), default=16, help="misclassified images in errors.png")
     parser.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
                         help="autocast on GPU (CPU always runs float32)")
     parser.add_argument("--device", default="auto", help="in-process device: auto, cpu, cuda, cuda:1")
     parser.add_argument("--gpu", default="auto", choices=["auto", "true", "false"],
                         help="one GPU per Ray worker (auto: when the cluster has GPUs)")
-    parser.add_argument("--cpus-per-worker", type=int, default=0, help="Ray worker CPUs (0: loader workers + 1)")
+    parser.add_argument("--cpus-per-worker", type=count(0), default=0, help="Ray worker CPUs (0: loader workers + 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

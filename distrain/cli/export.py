@@ -7,7 +7,7 @@ loaded back (torch.jit.load / onnxruntime / safetensors into the model) and comp
 sample images; it fails above `--atol`. Ends with one JSON line: format, out, max_abs_diff, bytes.
 """
 
-from distrain.cli import CommandError, emit_json
+from distrain.cli import CommandError, count, emit_json, number
 
 
 def add_arguments(parser):
@@ -16,8 +16,8 @@ def add_arguments(parser):
     parser.add_argument("--out", "-o", required=True, help="output file")
     parser.add_argument("--input", default="uint8", choices=["uint8", "float"],
                         help="TorchScript/ONNX input: uint8 0-255 (default) or float 0-1 images")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset")
-    parser.add_argument("--atol", type=float, default=1e-3,
+    parser.add_argument("--opset", type=count(7), default=17, help="ONNX opset")
+    parser.add_argument("--atol", type=number(0.0), default=1e-3,
                         help="largest allowed logit difference from PyTorch (default 1e-3)")
 
 

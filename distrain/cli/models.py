@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 
-from distrain.cli import CommandError, emit_json
+from distrain.cli import CommandError, count, emit_json
 
 
 def add_arguments(parser):
@@ -26,8 +26,8 @@ def add_arguments(parser):
     parser.add_argument("--source", default="all", choices=["all", "offline", "torchvision", "timm"],
                         help="which backbones to list")
     parser.add_argument("--filter", default=None, help="substring or glob the names must match")
-    parser.add_argument("--num-classes", type=int, default=10, help="classes of the head counted by `show`")
-    parser.add_argument("--head-hidden", type=int, default=0,
+    parser.add_argument("--num-classes", type=count(1), default=10, help="classes of the head counted by `show`")
+    parser.add_argument("--head-hidden", type=count(0), default=0,
                         help="hidden width of the head counted by `show`")
     parser.add_argument("--weights", default="none",
                         help="weights to load for `show` (default none: the table does not depend on them)")

@@ -9,20 +9,20 @@ Shards at scale, as a Ray Data batch job (an actor pool, one GPU per actor when 
 Ends with one JSON line: count, errors, out (and top1 against the shards' labels).
 """
 
-from distrain.cli import CommandError, emit_json
+from distrain.cli import CommandError, count, emit_json
 
 
 def add_arguments(parser):
     parser.add_argument("inputs", nargs="*", metavar="IMAGE_OR_FOLDER", help="image files and folders")
     parser.add_argument("--model", "-m", required=True, help="a model/ folder written by `distrain train`")
-    parser.add_argument("--top-k", "-k", type=int, default=5, help="classes per image (default 5)")
+    parser.add_argument("--top-k", "-k", type=count(1), default=5, help="classes per image (default 5)")
     parser.add_argument("--out", "-o", help="write predictions: .csv, .json, .jsonl or .parquet (local or URL)")
     parser.add_argument("--shards", help="predict a shard split with Ray Data instead of files")
     parser.add_argument("--split", help="with --shards: the split (default test, else val)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=count(1), default=64)
     parser.add_argument("--device", default="auto", help="for files: auto, cpu, cuda")
-    parser.add_argument("--concurrency", type=int, default=1, help="with --shards: predictor actors")
-    parser.add_argument("--cpus-per-actor", type=int, default=1)
+    parser.add_argument("--concurrency", type=count(1), default=1, help="with --shards: predictor actors")
+    parser.add_argument("--cpus-per-actor", type=count(1), default=1)
     parser.add_argument("--gpu", default="auto", choices=["auto", "true", "false"],
                         help="with --shards: one GPU per actor (auto: when the cluster has GPUs)")
     parser.add_argument("--no-progress", action="store_true")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 import sys
 
-from distrain.cli import CommandError, emit_json
+from distrain.cli import CommandError, count, emit_json, number
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -38,19 +38,19 @@ def add_arguments(parser):
                                    "`fashion-mnist`.")
     b.add_argument("source", help="image folder, .csv file, or fashion-mnist")
     b.add_argument("--out", "-o", required=True, help="output folder: a local path or fsspec URL (s3://...)")
-    b.add_argument("--val-fraction", type=float, default=0.1,
+    b.add_argument("--val-fraction", type=number(0.0, 0.99), default=0.1,
                    help="fraction of each class held out as the val split (default 0.1; 0 = no val split)")
     b.add_argument("--seed", type=int, default=0, help="seed of val split, --limit and shuffle (default 0)")
-    b.add_argument("--shard-size", type=int, default=1000,
+    b.add_argument("--shard-size", type=count(0), default=1000,
                    help="samples per shard (default 1000; 0 = no limit)")
     b.add_argument("--shard-bytes", type=byte_size, default=64_000_000,
                    help="bytes per shard, e.g. 64MB or 256MiB (default 64MB; 0 = no limit)")
-    b.add_argument("--max-side", type=int, default=0,
+    b.add_argument("--max-side", type=count(0), default=0,
                    help="shrink images so the longer side is at most this, keeping aspect (default 0 = keep)")
-    b.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
+    b.add_argument("--quality", type=count(1, 100), default=90, help="JPEG quality (default 90)")
     b.add_argument("--lossless", action="store_true", help="store PNG instead of JPEG")
-    b.add_argument("--workers", type=int, default=0, help="encode processes (default: one per CPU)")
-    b.add_argument("--limit", type=int, default=0,
+    b.add_argument("--workers", type=count(0), default=0, help="encode processes (default: one per CPU)")
+    b.add_argument("--limit", type=count(0), default=0,
                    help="at most N samples per split, stratified by class (default 0 = all)")
     b.add_argument("--classes", help="class names in label order: a,b,c or a file with one per line "
                                      "(default: sorted folder names / CSV labels)")
@@ -66,7 +66,7 @@ def add_arguments(parser):
     i.add_argument("dir", help="shards folder (local path or fsspec URL)")
     i.add_argument("--verify", action="store_true", help="re-read all shards: sizes, sha256, samples, labels")
     i.add_argument("--decode", action="store_true", help="with --verify: also decode every image")
-    i.add_argument("--max-skipped", type=int, default=20, help="skipped inputs listed (default 20; 0 = all)")
+    i.add_argument("--max-skipped", type=count(0), default=20, help="skipped inputs listed (default 20; 0 = all)")
     i.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 

@@ -26,8 +26,8 @@ from distrain.launch.checks import SubmitRefused
 
 AUTH_HINT = ("the cluster requires Ray's token authentication and refused this request: export RAY_AUTH_TOKEN, "
              "point RAY_AUTH_TOKEN_PATH at the token file, or put it in ~/.ray/auth_token (KubeRay: `kubectl get "
-             "secret <cluster>-ray-token -o jsonpath='{.data.auth_token}' | base64 -d`; `ray start` clusters: "
-             "~/.ray/auth_token on the head node)")
+             "secret <cluster name> -o jsonpath='{.data.auth_token}' | base64 -d`; `ray up` and `ray start` "
+             "clusters: ~/.ray/auth_token of the head node)")
 
 
 @dataclass

@@ -37,6 +37,7 @@ DEFAULT_EXCLUDES = [
     ".venv/", "venv/", ".conda/", ".tox/", ".nox/",
     "__pycache__/", "*.pyc", ".pytest_cache/", ".ruff_cache/", ".mypy_cache/", ".ipynb_checkpoints/",
     ".cache/", "*.egg-info/", "/build/", "/dist/",
+    ".env", "*.pem", "*.key", ".netrc", ".aws/", ".ssh/",
 ]
 
 

@@ -174,22 +174,49 @@ def build_shards(source: str | Source, out: str, options: BuildOptions | None = 
     options.check()
     t0 = time.perf_counter()
     src = source if isinstance(source, Source) else open_source(str(source), classes)
-    fs, root = prepare_output(out, options.overwrite)
+    output = prepare_output(out, options.overwrite)
+    root = output.root
     plan = plan_splits(src.splits, options.val_fraction, options.limit, options.seed)
     scan_seconds = time.perf_counter() - t0
 
     encode_options = EncodeOptions(options.max_side, options.quality, options.lossless)
     workers = max(1, min(options.num_workers(), sum(len(r) for r in plan.values())))
-    splits: dict[str, SplitInfo] = {}
-    skipped: list[dict] = []
     t1 = time.perf_counter()
     total = sum(map(len, plan.values()))
+    try:
+        splits, skipped = _write_splits(src, plan, output, options, encode_options, workers, total, progress)
+    except BaseException:
+        output.discard()  # a rebuild that did not finish: the old dataset stays as it was
+        raise
+    write_seconds = time.perf_counter() - t1
+
+    manifest = Manifest(
+        classes=list(src.classes), splits=splits, skipped=skipped, ignored=dict(src.ignored),
+        source=f"{src.kind}:{src.location}", created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        options={k: v for k, v in asdict(options).items() if k not in ("workers", "overwrite")}
+        | {"pillow": _pillow_version()},
+    )
+    from distrain import storage
+
+    storage.write_json(storage.url_of(out, f"{root}/{INFO_NAME}"),
+                       timm_info(manifest, name=root.rstrip("/").rsplit("/", 1)[-1]))
+    url = save_manifest(manifest, out)  # the swap: a manifest only ever names complete shards
+    output.finish(manifest)             # then the shards it replaced (distrain's, listed by the old manifest)
+    storage.mark(out, "shards")
+    warnings = [f"class {c!r} has no samples in {split}" for split, info in splits.items()
+                for c, n in zip(src.classes, info.class_counts) if n == 0]
+    return BuildResult(manifest, url, workers, scan_seconds, write_seconds, warnings)
+
+
+def _write_splits(src, plan, output, options, encode_options, workers, total, progress):
+    splits: dict[str, SplitInfo] = {}
+    skipped: list[dict] = []
     with Encoder(encode_options, workers) as encoder, _progress(total, progress) as bar:
         for split, records in plan.items():
             counts = [0] * len(src.classes)
             bar.set_postfix_str(split)
-            with ShardWriter(fs, f"{root}/{split}", options.shard_prefix(split), options.shard_size,
-                             options.shard_bytes, url_base=split) as writer:
+            with ShardWriter(output.fs, f"{output.shard_root}/{split}", options.shard_prefix(split),
+                             options.shard_size, options.shard_bytes, url_base=output.url_base(split)) as writer:
                 for i, (record, enc) in enumerate(zip(records, encoder.map(records))):
                     bar.update(1)
                     if not enc.ok:
@@ -204,20 +231,7 @@ def build_shards(source: str | Source, out: str, options: BuildOptions | None = 
                     })
                     counts[record.label] += 1
             splits[split] = SplitInfo(num_samples=sum(counts), shards=writer.shards, class_counts=counts)
-    write_seconds = time.perf_counter() - t1
-
-    manifest = Manifest(
-        classes=list(src.classes), splits=splits, skipped=skipped, ignored=dict(src.ignored),
-        source=f"{src.kind}:{src.location}", created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        options={k: v for k, v in asdict(options).items() if k not in ("workers", "overwrite")}
-        | {"pillow": _pillow_version()},
-    )
-    with fs.open(f"{root}/{INFO_NAME}", "w") as f:
-        json.dump(timm_info(manifest, name=root.rstrip("/").rsplit("/", 1)[-1]), f, indent=2)
-    url = save_manifest(manifest, out)  # last: a manifest only ever names complete shards
-    warnings = [f"class {c!r} has no samples in {split}" for split, info in splits.items()
-                for c, n in zip(src.classes, info.class_counts) if n == 0]
-    return BuildResult(manifest, url, workers, scan_seconds, write_seconds, warnings)
+    return splits, skipped
 
 
 def _pillow_version() -> str:

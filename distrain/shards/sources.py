@@ -20,9 +20,11 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
+import io
 import os
 import re
 import shutil
+import stat
 import struct
 import urllib.request
 from collections import Counter
@@ -97,9 +99,17 @@ def parse_classes(spec: str | list[str] | None) -> list[str] | None:
 # ------------------------------------------------------------------------------------------------ ImageFolder
 
 
-def _walk_images(class_dir: Path, ignored: Counter) -> list[Path]:
-    """Image files under class_dir (recursive, sorted); hidden entries and other extensions are counted."""
+def _not_utf8(name: str) -> bool:
+    """A file name that was not valid UTF-8 on disk (Python keeps its bytes as lone surrogates)."""
+    return any("\udc80" <= ch <= "\udcff" for ch in name)
+
+
+def _walk_images(class_dir: Path, ignored: Counter, other_classes: list[Path] = ()) -> list[Path]:
+    """Image files under class_dir (recursive, sorted). Counted and left out: hidden entries, other extensions,
+    what is not a regular file (FIFOs, sockets, devices: opening a FIFO would block forever), broken links, and
+    links into another class's folder (the same image under two labels)."""
     found, seen = [], set()
+    others = [str(o.resolve()) + os.sep for o in other_classes]
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen:  # a symlink loop
@@ -114,7 +124,18 @@ def _walk_images(class_dir: Path, ignored: Counter) -> list[Path]:
             elif os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
                 ignored["not an image extension"] += 1
             else:
-                found.append(Path(dirpath) / name)
+                path = Path(dirpath) / name
+                try:
+                    st = path.stat()  # follows links
+                except OSError:
+                    ignored["broken link or unreadable"] += 1
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    ignored["not a regular file (FIFO, socket, device)"] += 1
+                elif path.is_symlink() and any(os.path.realpath(path).startswith(o) for o in others):
+                    ignored["link into another class's folder"] += 1
+                else:
+                    found.append(path)
     return found
 
 
@@ -129,6 +150,11 @@ def folder_source(root: str | Path, classes: list[str] | None = None) -> Source:
         if entry.name.startswith("."):
             ignored["hidden"] += 1
         elif entry.is_dir():
+            if _not_utf8(entry.name):
+                raw = os.fsencode(entry.name)
+                raise SourceError(f"{root}: class folder {raw!r} is not valid UTF-8, so its name cannot be a class "
+                                  f"name in the manifest, the model folder or W&B; rename it (e.g. `convmv -f "
+                                  f"latin1 -t utf8 --notest -r {root}`) and build again")
             folders[entry.name] = entry
         else:
             ignored["outside class folders"] += 1
@@ -143,7 +169,8 @@ def folder_source(root: str | Path, classes: list[str] | None = None) -> Source:
         ignored["class folders not in --classes"] += len(set(folders) - set(classes))
     records, counts = [], Counter()
     for label, name in enumerate(classes):
-        for f in _walk_images(folders[name], ignored):
+        others = [folders[c] for c in classes if c != name]
+        for f in _walk_images(folders[name], ignored, others):
             records.append(Record(path=f.relative_to(root).as_posix(), label=label, file=str(f)))
             counts[label] += 1
     check_classes(classes, counts, str(root))
@@ -186,7 +213,13 @@ def csv_source(csv_path: str | Path, classes: list[str] | None = None) -> Source
         raise SourceError(f"CSV file not found: {csv_path}")
     base = csv_path.parent
     paths, labels, splits, lines = [], [], [], []
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+    try:
+        text = csv_path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = csv_path.read_bytes()[:e.start].count(b"\n") + 1
+        raise SourceError(f"{csv_path}:{line}: not UTF-8 text (byte {e.object[e.start]:#x}); save the CSV as "
+                          f"UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         header = {(h or "").strip().lower(): h for h in reader.fieldnames or []}
         missing = [c for c in ("path", "label") if c not in header]

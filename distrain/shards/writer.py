@@ -2,8 +2,8 @@
 
 Usage:
     from distrain.shards.writer import ShardWriter, prepare_output
-    fs, root = prepare_output("s3://bucket/pets", overwrite=False)       # refuses a non-empty folder
-    with ShardWriter(fs, f"{root}/train", "train", max_samples=1000, max_bytes=64_000_000) as w:
+    output = prepare_output("s3://bucket/pets", overwrite=False)          # refuses a non-empty folder
+    with ShardWriter(output.fs, f"{output.shard_root}/train", "train", max_samples=1000) as w:
         w.write("train_0000001", {"jpg": jpeg_bytes, "cls": b"3", "json": b"{...}"})
     w.shards      # [ShardInfo(url='train/train-000000.tar', num_samples=1000, bytes=..., sha256=...), ...]
 
@@ -20,11 +20,13 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import tarfile
+import time
+import uuid
 from dataclasses import dataclass
 
 import fsspec
 
-from distrain.shards.manifest import INFO_NAME, MANIFEST_NAME, ShardInfo
+from distrain.shards.manifest import ShardInfo, resolve_url
 
 BLOCK = 512
 RECORD = 20 * BLOCK   # tar files are padded to a multiple of this
@@ -53,32 +55,91 @@ def is_local(fs) -> bool:
     return "file" in protocols or "local" in protocols
 
 
-def prepare_output(out: str, overwrite: bool, splits: tuple[str, ...] = ("train", "val", "test")):
-    """(fs, root path) for the output folder. A folder that exists and is not empty is refused unless
-    `overwrite`; then the old manifest goes first (so nothing ever names half-replaced shards), then the old
-    shards."""
+@dataclass
+class Output:
+    """Where a build writes: the output folder, and the subfolder (`build-<time>/`, or none) its shards go to.
+
+    A first build writes `<out>/<split>/...`. Rebuilding over distrain's own shards (--overwrite) writes the new
+    shards beside the old ones, in `<out>/build-<time>/<split>/...`, and `finish()` swaps at the end: the new
+    manifest replaces the old one in one atomic write, and only then are the old shards (the files the old manifest
+    listed, nothing else) deleted. A rebuild that fails or is interrupted leaves the old dataset as it was."""
+
+    fs: object
+    root: str
+    out: str
+    generation: str = ""                 # '' or 'build-YYYYmmddTHHMMSS'
+    old: object = None                   # the Manifest being replaced
+
+    @property
+    def shard_root(self) -> str:
+        return f"{self.root}/{self.generation}" if self.generation else self.root
+
+    def url_base(self, split: str) -> str:
+        return f"{self.generation}/{split}" if self.generation else split
+
+    def discard(self) -> None:
+        """A build that did not finish: remove its generation folder (only a fresh one of this build)."""
+        if self.generation and self.fs.exists(self.shard_root):
+            self.fs.rm(self.shard_root, recursive=True)
+
+    def finish(self, new) -> list[str]:
+        """After the new manifest is written: delete the old manifest's shards (none the new one names); returns
+        them."""
+        if self.old is None:
+            return []
+        keep = {resolve_url(self.root, sh.url) for info in new.splits.values() for sh in info.shards}
+        gone = []
+        for info in self.old.splits.values():
+            for sh in info.shards:
+                path = resolve_url(self.root, sh.url)
+                if path not in keep and path.startswith(self.root.rstrip("/") + "/") and self.fs.exists(path):
+                    self.fs.rm(path)
+                    gone.append(path)
+        for folder in sorted({g.rsplit("/", 1)[0] for g in gone}, key=len, reverse=True):
+            while folder.startswith(self.root.rstrip("/") + "/"):
+                if self.fs.exists(folder) and not self.fs.ls(folder, detail=False):
+                    self.fs.rmdir(folder) if hasattr(self.fs, "rmdir") else self.fs.rm(folder, recursive=True)
+                folder = folder.rsplit("/", 1)[0]
+        return gone
+
+
+def built_by_distrain(manifest) -> bool:
+    """A manifest `distrain shards build` wrote (whose shards distrain made and may delete), not one of
+    `distrain shards index` (whose shards are the user's own)."""
+    return manifest is not None and not str(manifest.source).startswith("index:") and "seed" in manifest.options
+
+
+def prepare_output(out: str, overwrite: bool) -> Output:
+    """Check the output folder and say where this build writes (see Output). A folder that exists and is not empty
+    is refused unless `overwrite`, and even then unless it holds distrain-built shards only: distrain deletes only
+    what it can show it made."""
+    from distrain.shards.manifest import ManifestError, load_manifest
+
     fs, root = fsspec.core.url_to_fs(out)
     root = root.rstrip("/") or root
-    if fs.exists(root):
-        if not fs.isdir(root):
-            raise OutputError(f"output {out} exists and is a file")
-        entries = fs.ls(root, detail=False)
-        if entries and not overwrite:
-            raise OutputError(f"output folder {out} exists and is not empty; pass --overwrite to replace its "
-                              f"shards, or choose another --out")
-        if entries:
-            for name in (MANIFEST_NAME, INFO_NAME):
-                if fs.exists(f"{root}/{name}"):
-                    fs.rm(f"{root}/{name}")
-            for split in splits:
-                folder = f"{root}/{split}"
-                if fs.isdir(folder):
-                    old = [p for p in fs.ls(folder, detail=False) if p.endswith((".tar", ".tmp"))]
-                    if old:
-                        fs.rm(old)
-    if is_local(fs):
-        fs.makedirs(root, exist_ok=True)
-    return fs, root
+    output = Output(fs, root, out)
+    if not fs.exists(root):
+        if is_local(fs):
+            fs.makedirs(root, exist_ok=True)
+        return output
+    if not fs.isdir(root):
+        raise OutputError(f"output {out} exists and is a file")
+    entries = fs.ls(root, detail=False)
+    if not entries:
+        return output
+    if not overwrite:
+        raise OutputError(f"output folder {out} exists and is not empty; pass --overwrite to replace its "
+                          f"shards, or choose another --out")
+    try:
+        old = load_manifest(out)
+    except ManifestError:
+        old = None
+    if not built_by_distrain(old):
+        what = "shards indexed in place (they are not distrain's to replace)" if old is not None else \
+            "files but no manifest of distrain-built shards"
+        raise OutputError(f"--overwrite: {out} holds {what}: nothing was deleted; choose another --out")
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    return Output(fs, root, out, generation=f"build-{stamp}-{uuid.uuid4().hex[:4]}", old=old)
 
 
 class _HashingFile:

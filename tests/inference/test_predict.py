@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from distrain.cli import main
@@ -75,3 +76,42 @@ def test_ray_data_shard_prediction_matches_local_prediction(trained, val_eval, t
 # ---------------------------------------------------------------------------------------------- export
 
 
+
+
+@pytest.mark.timeout(120)
+def test_files_decode_as_the_shards_builder_decodes(trained, tmp_path):
+    """A phone photo (pixels stored sideways, EXIF orientation 6) gets the prediction of the same photo stored
+    upright; transparent pixels count as white, as in shards; a decompression bomb is a per-file error."""
+    from PIL import Image
+
+    from distrain.inference.predict import Predictor
+
+    p = Predictor.from_dir(trained["model_dir"], device="cpu")
+    rng = np.random.default_rng(3)
+    upright = make_image_folder(tmp_path / "src", num_classes=1, per_class=1, size=48, seed=5) / "class_0" / "0000.jpg"
+    pixels = np.asarray(Image.open(upright).convert("RGB"))
+    Image.fromarray(pixels).save(tmp_path / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display": the sensor's pixels are stored turned left
+    Image.fromarray(np.rot90(pixels, 1).copy()).save(tmp_path / "phone.png", exif=exif)
+    rgba = np.dstack([pixels, np.full(pixels.shape[:2], 255, np.uint8)])
+    rgba[:8, :, 3] = 0  # a transparent band on top
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    white = pixels.copy()
+    white[:8] = 255
+    Image.fromarray(white).save(tmp_path / "white.png")
+    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "small.png")
+    rows = {Path(r["path"]).name: r for r in p.predict_files(
+        [str(tmp_path / n) for n in ("upright.png", "phone.png", "alpha.png", "white.png")], top_k=3)}
+    assert rows["phone.png"]["classes"] == rows["upright.png"]["classes"]
+    assert rows["phone.png"]["probs"] == pytest.approx(rows["upright.png"]["probs"], abs=1e-6)
+    assert rows["alpha.png"]["probs"] == pytest.approx(rows["white.png"]["probs"], abs=1e-6)
+    import PIL.Image as PILImage
+
+    limit = PILImage.MAX_IMAGE_PIXELS
+    PILImage.MAX_IMAGE_PIXELS = 20  # an 8x8 image is 3x over: a "bomb" at this limit
+    try:
+        (bomb,) = p.predict_files([str(tmp_path / "small.png")])
+    finally:
+        PILImage.MAX_IMAGE_PIXELS = limit
+    assert bomb["classes"] == [] and "decompression bomb" in bomb["error"]

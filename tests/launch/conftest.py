@@ -190,10 +190,14 @@ def _serving(cluster: LocalCluster, ready: str, nodes: int, temp: Path):
 @pytest.fixture(scope="class")
 def head():
     """`ray start --head` on this machine (2 CPUs), bound to 127.0.0.1, in the foreground (--block) so that
-    SIGTERM to it stops the whole cluster."""
+    SIGTERM to it stops the whole cluster; with Ray's token authentication on (RAY_AUTH_MODE=token, a token generated
+    into its HOME first, as cluster/aws.yaml does on real nodes)."""
     temp = Path(tempfile.mkdtemp(prefix="dt", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     env = _ray_env(temp)
     env.update(runtime.local_cluster_env())  # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: bind to 127.0.0.1
+    env["RAY_AUTH_MODE"] = "token"
+    subprocess.run([str(VENV_BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True,
+                   capture_output=True, timeout=60)
     dash = _free_port()
     ports = {"--port": _free_port(), "--dashboard-port": dash, "--ray-client-server-port": _free_port(),
              "--dashboard-agent-listen-port": _free_port(), "--dashboard-agent-grpc-port": _free_port(),

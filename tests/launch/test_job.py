@@ -70,6 +70,27 @@ def _jobs(cluster: LocalCluster) -> list[dict]:
 
 
 class TestSingleNode:
+    def test_the_cluster_refuses_callers_without_its_token(self, head, tmp_path):
+        """`ray start` clusters run with Ray's token authentication: a job submitted without the token is refused,
+        and `distrain submit` without one says so in one line (with the token, the tests below submit fine)."""
+        import urllib.error
+
+        req = urllib.request.Request(head.address + "/api/jobs/", method="POST", data=json.dumps(
+            {"entrypoint": "echo pwned"}).encode(), headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(req, timeout=10)
+        assert refused.value.code in (401, 403)
+        stranger = tmp_path / "stranger"
+        stranger.mkdir()
+        (stranger / "ray_bootstrap_config.yaml").write_text("provider:\n  type: local\n")
+        code, _, out = head.submit("--check-only", "--", "train", env={"HOME": str(stranger),
+                                                                       "RAY_AUTH_MODE": "disabled"})
+        assert code == 2, out
+        (line,) = [x for x in out.splitlines() if x.startswith("distrain submit: error:")]
+        assert "requires Ray's token authentication and refused this request" in line and "RAY_AUTH_TOKEN" in line
+        assert "Traceback" not in out
+        assert "echo pwned" not in json.dumps(_jobs(head))
+
     def test_check_only_passes_and_reports(self, head, tiny_shards, tmp_path):
         before = _jobs(head)
         code, result, out = head.submit("--check-only", "--", "train", "--set", f"data.shards={tiny_shards}",

@@ -32,6 +32,7 @@ from distrain.shards.build import BuildOptions, build_shards
 from distrain.shards.manifest import load_manifest
 from distrain.shards.sources import SourceError, find_fashion_mnist, open_source
 from distrain.shards.split import class_quotas, plan_splits
+from distrain.shards.verify import verify_shards
 from tests.helpers import make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -319,13 +320,29 @@ def test_bad_requests_fail_before_writing(tmp_path, capsys):
     assert code == 2 and "exists and is not empty" in err and "--overwrite" in err
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
 
-    # --overwrite replaces old shards (stale ones too) and keeps unrelated files
+    # --overwrite deletes only shards distrain can show it made: a folder without their manifest is refused whole
+    # (before issue 13 a stray .tar there was deleted as "stale")
     (out / "train").mkdir()
     (out / "train" / "train-000099.tar").write_bytes(b"stale")
-    code, _, _, figures = run_cli(capsys, "shards", "build", str(good), "--out", str(out), "--overwrite",
+    code, _, err, _ = run_cli(capsys, "shards", "build", str(good), "--out", str(out), "--overwrite", "-q")
+    assert code == 2 and "holds files but no manifest of distrain-built shards: nothing was deleted" in err
+    assert (out / "train" / "train-000099.tar").read_bytes() == b"stale" and (out / "keep.txt").exists()
+
+    # over distrain's own shards, --overwrite writes the new ones beside the old, swaps the manifest, then deletes
+    # the old shards (what the old manifest listed) and keeps unrelated files
+    built = tmp_path / "built"
+    run_cli(capsys, "shards", "build", str(good), "--out", str(built), "--workers", "1", "-q")
+    old = sorted(p.relative_to(built).as_posix() for p in built.rglob("*.tar"))
+    (built / "keep.txt").write_text("mine")
+    (built / "train" / "train-000099.tar").write_bytes(b"not listed")
+    code, _, _, figures = run_cli(capsys, "shards", "build", str(good), "--out", str(built), "--overwrite",
                                   "--workers", "1", "-q")
-    assert code == 0 and not (out / "train" / "train-000099.tar").exists() and (out / "keep.txt").exists()
-    assert figures["samples"] == {"train": 6, "val": 2}
+    assert code == 0 and figures["samples"] == {"train": 6, "val": 2}
+    assert not any((built / rel).exists() for rel in old)
+    assert (built / "keep.txt").exists() and (built / "train" / "train-000099.tar").read_bytes() == b"not listed"
+    manifest = load_manifest(str(built))
+    assert all(s.url.startswith("build-") for s in manifest.splits["train"].shards)
+    assert verify_shards(manifest).ok
 
     code, _, err, _ = run_cli(capsys, "shards", "build", str(good), "--out", str(tmp_path / "q"), "--quality",
                               "0")
@@ -383,9 +400,9 @@ def test_subprocess_build_and_interrupt(tmp_path):
     assert figures["samples"] == {"train": 10, "val": 2} and figures["skipped"] == 0
     assert figures["images_per_s"] > 0
 
-    # Interrupt a longer build (with --overwrite of the finished one) once its first shard exists: no manifest
-    # may survive that names shards of the interrupted build, no temp file may stay, and finished shards are
-    # complete tars.
+    # Interrupt a longer rebuild (--overwrite of the finished one) once its first shard exists: the old dataset
+    # stays whole (its manifest names its own complete shards, which still verify), the interrupted build's shards
+    # are gone, and no temp file stays.
     big = make_image_folder(tmp_path / "big", num_classes=2, per_class=20, size=256, seed=1)
     for f in list(big.rglob("*.jpg")):  # 400 inputs, cheaply
         for k in range(1, 10):
@@ -394,19 +411,21 @@ def test_subprocess_build_and_interrupt(tmp_path):
     cmd = [sys.executable, "-m", "distrain", "shards", "build", str(big), "--out", str(out), "--overwrite",
            "--shard-size", "4", "--workers", "2", "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    before = (out / "manifest.json").read_text()
     deadline = time.monotonic() + 90
-    first = out / "train" / "train-000001.tar"
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not list(out.glob("build-*/train/train-000001.tar")) and proc.poll() is None \
+            and time.monotonic() < deadline:
         time.sleep(0.02)
     assert proc.poll() is None, "build finished before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err
-    assert not (out / "manifest.json").exists() and not (out / "_info.json").exists()
-    assert not list(out.rglob("*.tmp"))
+    assert (out / "manifest.json").read_text() == before and (out / "_info.json").exists()
+    assert not list(out.glob("build-*")) and not list(out.rglob("*.tmp"))
+    assert verify_shards(load_manifest(str(out))).ok
     for shard in (out / "train").glob("*.tar"):
         with tarfile.open(shard) as tar:
-            assert len(tar.getmembers()) == 12  # 4 samples × (jpg, cls, json)
+            assert len(tar.getmembers()) % 3 == 0  # whole samples × (jpg, cls, json)
 
 
 @pytest.mark.timeout(120)
@@ -456,3 +475,49 @@ def test_plan_splits_keeps_source_splits():
     assert [r.path for r in plan["train"]] == [r.path for r in again["train"]]
     order = [r.path for r in plan["train"]]
     assert order != sorted(order, key=lambda p: int(p[:-4]))  # shuffled, not in source order
+
+
+def test_odd_entries_in_image_folders_are_counted_not_read(tmp_path, capsys):
+    """FIFOs, sockets and links into another class's folder are left out and counted; opening the FIFO would have
+    blocked the build forever."""
+    src = make_image_folder(tmp_path / "images", num_classes=2, per_class=4, size=16)
+    os.mkfifo(src / "class_0" / "pipe.jpg")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(src / "class_0" / "live.jpg"))
+    (src / "class_1" / "stolen.jpg").symlink_to(src / "class_0" / "0000.jpg")  # the same image, other label
+    (src / "class_1" / "own.jpg").symlink_to(src / "class_1" / "0000.jpg")     # a link within its class is fine
+    (src / "class_1" / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
+    try:
+        code, _, _, figures = run_cli(capsys, "shards", "build", str(src), "--out", str(tmp_path / "out"),
+                                      "--workers", "1", "-q", "--val-fraction", "0")
+    finally:
+        sock.close()
+    assert code == 0 and figures["samples"] == {"train": 9}
+    ignored = load_manifest(str(tmp_path / "out")).ignored
+    assert ignored["not a regular file (FIFO, socket, device)"] == 2
+    assert ignored["link into another class's folder"] == 1 and ignored["broken link or unreadable"] == 1
+
+
+def test_class_folders_and_csv_files_that_are_not_utf8_are_refused_up_front(tmp_path, capsys):
+    src = make_image_folder(tmp_path / "images", num_classes=2, per_class=3, size=16)
+    os.rename(src / "class_1", os.path.join(os.fsencode(src), b"caf\xe9"))  # a Latin-1 name from another system
+    code, _, err, _ = run_cli(capsys, "shards", "build", str(src), "--out", str(tmp_path / "out"))
+    assert code == 2 and "class folder b'caf\\xe9' is not valid UTF-8" in err and "convmv" in err
+    assert not (tmp_path / "out").exists()
+    csv_file = tmp_path / "labels.csv"
+    csv_file.write_bytes(b"path,label\nimages/class_0/0000.jpg,cat\nimages/class_0/0001.jpg,caf\xe9\n")
+    code, _, err, _ = run_cli(capsys, "shards", "build", str(csv_file), "--out", str(tmp_path / "out2"))
+    assert code == 2 and "labels.csv:3: not UTF-8 text (byte 0xe9)" in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--workers", "-1"], "argument --workers: must be >= 0, got -1"),
+    (["--shard-size", "-5"], "argument --shard-size: must be >= 0, got -5"),
+    (["--val-fraction", "inf"], "argument --val-fraction: expected a finite number, got 'inf'"),
+    (["--quality", "101"], "argument --quality: must be between 1 and 100, got 101"),
+])
+def test_bad_numbers_on_the_command_line_are_one_line(tmp_path, argv, message):
+    out = subprocess.run([sys.executable, "-m", "distrain", "shards", "build", str(tmp_path), "--out",
+                          str(tmp_path / "o"), *argv], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].endswith(message)
+    assert "Traceback" not in out.stderr
