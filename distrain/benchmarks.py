@@ -22,7 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+# Paths are the project's, relative to where the command runs (the repository root, or any folder holding configs/),
+# never to where the package is installed: the same commands work from an installed wheel.
+ROOT = Path.cwd()
 
 
 def log(msg: str) -> None:

@@ -15,24 +15,24 @@ import re
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+# The README of the project in the current folder (the repository root), not of where distrain is installed: the
+# generator runs the same from a checkout and from an installed wheel.
 
-
-def _config_reference() -> str:
+def _config_reference(folder: Path) -> str:
     from distrain.config import reference_markdown
 
     return reference_markdown().rstrip()
 
 
-def _aug_table() -> str:
+def _aug_table(folder: Path) -> str:
     from distrain.data import aug_table
 
     return aug_table().rstrip()
 
 
-def _results() -> str:
+def _results(folder: Path) -> str:
     """The summary table of BENCHMARKS.md (written by `make bench`), or a pointer to it."""
-    bench = ROOT / "BENCHMARKS.md"
+    bench = folder / "BENCHMARKS.md"
     if not bench.exists():
         return "Run `make bench` to measure; it writes `BENCHMARKS.md`."
     text = bench.read_text()
@@ -44,12 +44,14 @@ def _results() -> str:
 BLOCKS = {"config-reference": _config_reference, "aug-table": _aug_table, "results": _results}
 
 
-def render(text: str) -> str:
+def render(text: str, folder: Path | None = None) -> str:
+    """`text` (a README) with its generated blocks made anew; BENCHMARKS.md is read from `folder` (default: here)."""
+    folder = Path(folder or Path.cwd())
     for name, make in BLOCKS.items():
         pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
         if not pattern.search(text):
             raise ValueError(f"README has no <!-- {name}:start --> ... <!-- {name}:end --> block")
-        body = make()
+        body = make(folder)
         text = pattern.sub(lambda m, body=body: m.group(1) + body + "\n" + m.group(2), text)
     return text
 
@@ -57,11 +59,11 @@ def render(text: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="only check that README.md is up to date")
-    parser.add_argument("--path", default=str(ROOT / "README.md"))
+    parser.add_argument("--path", default="README.md", help="the README to check or rewrite (default: ./README.md)")
     args = parser.parse_args(argv)
     path = Path(args.path)
     current = path.read_text()
-    wanted = render(current)
+    wanted = render(current, path.absolute().parent)
     if args.check:
         if wanted != current:
             print(f"{path} is out of date: run `make readme`", file=sys.stderr)
