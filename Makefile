@@ -19,7 +19,7 @@ export RAY_USAGE_STATS_REPORT_URL := http://127.0.0.1:1/
 export WANDB_SILENT := true
 RUN_ENV = HOME=$(RAY_HOME) DISTRAIN_FASHION_MNIST=$(if $(wildcard $(FMNIST_SYSTEM)),$(FMNIST_SYSTEM),$(FMNIST_LOCAL))
 
-.PHONY: install test demo lint bench submit readme fashion-mnist ray-home clean help
+.PHONY: install test demo lint bench submit readme fashion-mnist ray-home clean help gpu-wheels
 
 help:
 	@echo "make demo   - install, build Fashion-MNIST shards, sweep, train, evaluate, export (CPU, < 20 min)"
@@ -28,6 +28,7 @@ help:
 	@echo "make lint   - ruff, and the README's generated blocks are up to date"
 	@echo "make readme - regenerate the README's config reference, augmentation and results tables"
 	@echo "make submit ADDRESS=http://HEAD:8265 ARGS='train --config configs/...' - submit to a Ray cluster"
+	@echo "make gpu-wheels - the wheels distrain bench gpu needs on an offline GPU machine, into .whl/"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -60,6 +61,16 @@ demo: install
 bench: install
 	$(RUN_ENV) $(BIN)/distrain bench all --out BENCHMARKS.md $(BENCH_ARGS)
 	$(BIN)/python -m distrain.readme
+
+# The wheels `distrain bench gpu` needs that the GPU check machine lacks (Python 3.12, x86-64; < 1 MiB), into a
+# git-ignored .whl/ that travels with the working tree. README: "Checking a GPU machine".
+GPU_WHEELS := simplejpeg==1.9.0 braceexpand==0.1.7
+gpu-wheels:
+	@mkdir -p .whl
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl $(GPU_WHEELS)
+	@du -sh .whl
 
 lint: $(STAMP)
 	$(BIN)/ruff check distrain tests

@@ -3,6 +3,7 @@
     distrain bench shards [SOURCE] [--workers 1 2]     shard-writing images/s, 1 vs 2 encode workers
     distrain bench data [--shards DIR]                 train pipeline vs torchvision ImageFolder + DataLoader
     distrain bench train [--shards DIR]                Ray Train DDP vs plain torchrun DDP; time to first step
+    distrain bench gpu --out gpu.json                  the GPU acceptance run (no Ray; README "Checking a GPU machine")
     distrain bench accuracy                            Fashion-MNIST: pretrained vs random init; probe vs fine-tune
     distrain bench all --out BENCHMARKS.md             all of the above, written up as Markdown
 Each benchmark's options: `distrain bench NAME --help`.
@@ -11,6 +12,7 @@ Each benchmark's options: `distrain bench NAME --help`.
 import importlib
 
 MODULES = {"shards": "distrain.shards.bench", "data": "distrain.data.bench", "train": "distrain.train.bench",
+           "gpu": "distrain.train.bench_gpu",
            "accuracy": "distrain.benchmarks", "all": "distrain.benchmarks"}
 
 

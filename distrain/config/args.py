@@ -43,3 +43,36 @@ def add_run_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides)
+
+
+def count(minimum: int = 0, maximum: int | None = None):
+    """An argparse type: an integer in [minimum, maximum]; anything else is one line naming the value."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+    parse.__name__ = "count"
+    return parse
+
+
+def number(minimum: float | None = None, maximum: float | None = None):
+    """An argparse type: a finite number in [minimum, maximum] (NaN and inf are refused)."""
+    import math
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"must be in [{minimum}, {maximum}], got {value:g}")
+        return value
+    parse.__name__ = "number"
+    return parse

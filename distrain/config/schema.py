@@ -73,6 +73,18 @@ class DataConfig:
     shuffle_buffer: int = opt(1000, "Samples held in the shuffle buffer of each loader worker.", range=(0, None))
     channels_last: bool = opt(True, "Model and batches in channels_last (NHWC) memory format: faster "
                               "convolutions with cuDNN on GPU and with oneDNN on CPU.")
+    decode: Literal["auto", "cpu", "gpu"] = opt("auto", "Where JPEGs are decoded and augmented: `cpu` in the loader "
+                                                "workers; `gpu` on the training GPU (one batched nvJPEG decode per "
+                                                "batch, then per-sample crops and augmentation on the device; the "
+                                                "workers only read bytes and draw); `auto` = gpu on CUDA workers, "
+                                                "else cpu.")
+    read_timeout_s: float = opt(120.0, "Seconds a shard read may return nothing before the shard counts as "
+                                "unreadable (hung NFS, a FIFO, a server that stopped sending).", range=(0.1, None))
+    read_retries: int = opt(3, "Retries (with backoff) of a remote shard that fails to read, before it counts "
+                            "as unreadable.", range=(0, None))
+    max_bad_shards: int = opt(-1, "Unreadable shards tolerated per epoch (skipped, refilled from the others, and "
+                              "listed) before the run stops naming them; -1 = 1% of the split's shards, at least "
+                              "1.", range=(-1, None))
 
 
 @dataclass(frozen=True)
@@ -159,6 +171,9 @@ class ScalingConfig:
                              "autoscaling clusters need this while nodes come up. -1 = forever.", range=(-1, None))
     storage_path: str = opt("outputs", "Where runs, checkpoints and sweeps are written: a local folder (single "
                             "node), or `s3://`, `gs://` or an NFS path shared by all nodes.")
+    collective_timeout_s: float = opt(1800.0, "Seconds a collective (an all-reduce, Ray Train's report barrier) may "
+                                      "wait for a rank before the attempt fails and restarts from the last "
+                                      "checkpoint (a lost or stuck rank).", range=(1.0, None))
 
 
 @dataclass(frozen=True)

@@ -30,13 +30,14 @@ Design (one choice, documented because DDP pipelines hang or skew results when t
   WebDataset's own pieces used here: its tar layout and key convention, and braceexpand for URL patterns.
 """
 
-from distrain.data.augment import ImageTransform, aug_params, aug_table
+from distrain.data.augment import aug_params, aug_table
 from distrain.data.dataset import PAD_LABEL, Batch
 from distrain.data.decode import DecodeError
 from distrain.data.device import BatchToDevice, Mixup, to_device
 from distrain.data.loader import Loader, check_shards, create_loader, loader_args
 from distrain.data.plan import PlanError, make_plan
 from distrain.data.sources import DataError, expand_urls, resolve_source
+from distrain.data.transform import ImageTransform
 
 __all__ = ["PAD_LABEL", "Batch", "BatchToDevice", "DataError", "DecodeError", "ImageTransform", "Loader", "Mixup",
            "PlanError", "aug_params", "aug_table", "check_shards", "create_loader", "expand_urls", "loader_args",

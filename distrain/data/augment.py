@@ -1,37 +1,43 @@
-"""One knob for augmentation: `data.aug_strength` in [0, 1] sets crop scale, RandAugment, color jitter and erasing.
+"""One knob for augmentation, and every random draw of a sample's augmentation, made before any pixel is touched.
 
 Usage:
-    from distrain.data.augment import ImageTransform, aug_params, aug_table
-    t = ImageTransform(size=224, strength=0.3, train=True)
-    img = t(jpeg_bytes, "jpg", np.random.default_rng(0))    # (224, 224, 3) uint8 RGB
+    from distrain.data.augment import aug_params, aug_table, draw, Affine
     aug_params(0.3).crop_scale                              # (0.724, 1.0)
+    d = draw(h=480, w=640, size=224, params=aug_params(0.3), rng=np.random.default_rng(0))
+    d.box, d.flip, d.ops, d.jitter, d.erase                 # the crop box in original pixels, ... (a Draw)
     print(aug_table())                                      # the README's table
 
-The mapping (s = strength; 0 is exactly the evaluation transform, deterministic):
+The mapping of `data.aug_strength` (s; 0 is exactly the evaluation transform, deterministic):
     crop       s = 0: resize + center crop (crop_pct of the shorter side); s > 0: RandomResizedCrop with
                area scale (1 - 0.92 s, 1) and aspect ratio (3/4, 4/3), horizontal flip p = 0.5
     RandAugment 2 ops drawn from the standard 14, each applied with p = min(0.5, s), magnitude 10 s (of 10)
     jitter     brightness, contrast and saturation factors uniform in [1 - 0.4 s, 1 + 0.4 s]
     erasing    p = 0.25 s, area 2–33 %, filled with random pixels
-Mixup and CutMix are separate switches (`data.mixup`, `data.cutmix`, applied on the device; see device.py).
+`data.affine` adds an always-on Keras-style affine (rotation, shift, shear, zoom) after the crop. Mixup and CutMix
+are separate switches (`data.mixup`, `data.cutmix`, applied on the device; see device.py).
 
-Every op works on uint8 HWC arrays with OpenCV lookup tables and warps (tens of microseconds each at 224 px),
-not on PIL images or float tensors: augmentation must not undo the speed won by decoding at reduced size.
-The ops follow timm's RandAugment definitions (magnitude 10 = rotate 30°, shear 0.3, translate 45 %, enhance
-factors 1 ± 0.9, posterize to 4 bits, solarize from 0).
+Why draws first: the same Draw is applied to uint8 arrays by the CPU pipeline (ops.py, after decoding the JPEG at
+reduced scale) and to GPU tensors by the GPU pipeline (gpu.py, after nvJPEG), so `data.decode=cpu` and `gpu` make
+the same random choices from the same seed; only the pixel arithmetic differs. The ops follow timm's RandAugment
+definitions (magnitude 10 = rotate 30°, shear 0.3, translate 45 %, enhance factors 1 ± 0.9, posterize to 4 bits,
+solarize from 0).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import cv2
 import numpy as np
 
-from distrain.data.decode import Box, crop_resize, decode_crop
+from distrain.data.decode import Box
 
 FILL = (124, 116, 104)  # ImageNet mean in uint8: what geometric ops show where the image moved away
+
+RAND_AUGMENT_OPS = ("Identity", "AutoContrast", "Equalize", "Rotate", "Solarize", "Color", "Posterize",
+                    "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX", "TranslateY")
+SIGNED_OPS = ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "Color", "Contrast", "Brightness",
+              "Sharpness")
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,25 @@ def aug_table(strengths: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5, 0.7, 1.0)) -> 
     return "\n".join(rows)
 
 
+@dataclass(frozen=True)
+class Affine:
+    """The always-on affine of `data.affine` (Keras ImageDataGenerator semantics): ranges, and how to fill."""
+
+    rotation: float = 0.0     # degrees: uniform(-r, r)
+    shift: float = 0.0        # fraction of the side, each axis: uniform(-s, s)
+    shear: float = 0.0        # degrees, as Keras' shear_range: uniform(-s, s)
+    zoom: float = 0.0         # each axis scales by uniform(1 - z, 1 + z)
+    fill: str = "nearest"     # nearest (replicate the edge) or constant (FILL)
+
+    @property
+    def on(self) -> bool:
+        return bool(self.rotation or self.shift or self.shear or self.zoom)
+
+    @classmethod
+    def from_config(cls, affine_cfg) -> Affine:
+        return cls(affine_cfg.rotation, affine_cfg.shift, affine_cfg.shear, affine_cfg.zoom, affine_cfg.fill)
+
+
 # ------------------------------------------------------------------------------------------------ crop boxes
 
 
@@ -109,188 +134,87 @@ def random_resized_box(h: int, w: int, scale: tuple[float, float], ratio: tuple[
     return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
-# ----------------------------------------------------------------------------------------------- pixel ops
+# ------------------------------------------------------------------------------------------------ the draws
 
 
-GRAY = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601-2 luma, as PIL's convert("L")
+@dataclass
+class Draw:
+    """Everything random about one sample's augmentation (a center crop and nothing else at strength 0)."""
+
+    box: Box                                         # (top, left, height, width) in original pixels
+    flip: bool = False
+    affine: np.ndarray | None = None                 # 2x3, output pixels → input pixels of the size x size crop
+    ops: list[tuple[str, float]] = field(default_factory=list)   # RandAugment ops applied, with their value
+    jitter: tuple[float, float, float] | None = None  # brightness, contrast, saturation factors
+    erase: tuple[int, int, int, int, int] | None = None  # top, left, height, width, fill seed
 
 
-def _lut(img: np.ndarray, table: np.ndarray) -> np.ndarray:
-    return cv2.LUT(img, np.clip(table, 0, 255).astype(np.uint8))
-
-
-def color_affine(img: np.ndarray, brightness: float = 1.0, contrast: float = 1.0, saturation: float = 1.0
-                 ) -> np.ndarray:
-    """PIL's Brightness, Contrast and Color enhancers in that order, fused into one 3x4 colour matrix.
-
-    Each enhancer blends with a degenerate image (black, the mean gray level, the gray image); all three are
-    affine in the pixel values, so one cv2.transform (~30 us at 224 px) replaces three passes. The only
-    difference from applying them one by one is that intermediate values are not clipped to 0..255.
-    """
-    cb = contrast * brightness
-    matrix = cb * (saturation * np.eye(3, dtype=np.float32) + (1 - saturation) * np.outer(np.ones(3), GRAY))
-    offset = 0.0
-    if contrast != 1.0:
-        offset = (1 - contrast) * brightness * float(np.dot(cv2.mean(img)[:3], GRAY))
-    m = np.hstack([matrix, np.full((3, 1), offset)]).astype(np.float32)
-    return cv2.transform(img, m)
-
-
-def _blend(img: np.ndarray, other: np.ndarray, factor: float) -> np.ndarray:
-    """PIL ImageEnhance semantics: other + factor * (img - other), saturated to uint8."""
-    return cv2.addWeighted(img, factor, other, 1.0 - factor, 0.0)
-
-
-def sharpness(img, f):
-    smooth = cv2.filter2D(img, -1, np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float32) / 13)
-    return _blend(img, smooth, f)
-
-
-def autocontrast(img, _=None):
-    """Stretch each channel to 0..255 (PIL's ImageOps.autocontrast without cutoff)."""
-    x = np.arange(256, dtype=np.float32)
-    tables = []
-    for channel in cv2.split(img):
-        lo, hi, _, _ = cv2.minMaxLoc(channel)
-        tables.append(np.clip((x - lo) * 255 / (hi - lo), 0, 255) if hi > lo else x)
-    return cv2.LUT(img, np.stack(tables, 1).astype(np.uint8).reshape(256, 1, 3))
-
-
-def equalize(img, _=None):
-    return cv2.merge([cv2.equalizeHist(c) for c in cv2.split(img)])
-
-
-def solarize(img, threshold):
-    x = np.arange(256)
-    return _lut(img, np.where(x < threshold, x, 255 - x))
-
-
-def posterize(img, bits):
-    mask = (0xFF << (8 - int(bits))) & 0xFF
-    return _lut(img, np.arange(256) & mask)
-
-
-def affine(img, matrix):
-    h, w = img.shape[:2]
-    return cv2.warpAffine(img, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                          borderValue=FILL)
-
-
-def _signed(level: float, rng: np.random.Generator) -> float:
-    return level if rng.random() < 0.5 else -level
-
-
-def rand_augment_op(img: np.ndarray, name: str, magnitude: float, rng: np.random.Generator) -> np.ndarray:
-    """One RandAugment op at `magnitude` (0..10), with timm's ranges."""
+def op_value(name: str, magnitude: float, rng: np.random.Generator) -> float:
+    """The parameter an op applies at `magnitude` (0..10), with timm's ranges and a random sign where it has one."""
     level = magnitude / 10.0
-    h, w = img.shape[:2]
-    if name == "Identity":
-        return img
-    if name == "AutoContrast":
-        return autocontrast(img)
-    if name == "Equalize":
-        return equalize(img)
+    sign = (1.0 if rng.random() < 0.5 else -1.0) if name in SIGNED_OPS else 1.0
     if name == "Rotate":
-        return affine(img, cv2.getRotationMatrix2D((w / 2, h / 2), _signed(30 * level, rng), 1.0))
-    if name == "ShearX":
-        s = _signed(0.3 * level, rng)
-        return affine(img, np.float32([[1, s, -s * h / 2], [0, 1, 0]]))
-    if name == "ShearY":
-        s = _signed(0.3 * level, rng)
-        return affine(img, np.float32([[1, 0, 0], [s, 1, -s * w / 2]]))
-    if name == "TranslateX":
-        return affine(img, np.float32([[1, 0, _signed(0.45 * level, rng) * w], [0, 1, 0]]))
-    if name == "TranslateY":
-        return affine(img, np.float32([[1, 0, 0], [0, 1, _signed(0.45 * level, rng) * h]]))
+        return sign * 30 * level                     # degrees
+    if name in ("ShearX", "ShearY"):
+        return sign * 0.3 * level
+    if name in ("TranslateX", "TranslateY"):
+        return sign * 0.45 * level                   # fraction of the side
     if name == "Solarize":
-        return solarize(img, 256 - 256 * level)
+        return 256 - 256 * level                     # threshold
     if name == "Posterize":
-        return posterize(img, 8 - round(4 * level))
-    factor = 1.0 + _signed(0.9 * level, rng)
-    if name == "Color":
-        return color_affine(img, saturation=factor)
-    if name == "Contrast":
-        return color_affine(img, contrast=factor)
-    if name == "Brightness":
-        return color_affine(img, brightness=factor)
-    if name == "Sharpness":
-        return sharpness(img, factor)
-    raise ValueError(f"unknown RandAugment op {name!r}")
+        return float(8 - round(4 * level))           # bits kept
+    if name in ("Color", "Contrast", "Brightness", "Sharpness"):
+        return 1.0 + sign * 0.9 * level              # enhance factor
+    return 0.0                                       # Identity, AutoContrast, Equalize
 
 
-RAND_AUGMENT_OPS = ("Identity", "AutoContrast", "Equalize", "Rotate", "Solarize", "Color", "Posterize",
-                    "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX", "TranslateY")
+def affine_matrix(a: Affine, size: int, rng: np.random.Generator) -> np.ndarray | None:
+    """Keras' random transform (rotation, shift, shear, zoom about the center) as a 2x3 output → input map."""
+    if not a.on:
+        return None
+    theta = math.radians(rng.uniform(-a.rotation, a.rotation)) if a.rotation else 0.0
+    tx, ty = (rng.uniform(-a.shift, a.shift, 2) * size) if a.shift else (0.0, 0.0)
+    shear = math.radians(rng.uniform(-a.shear, a.shear)) if a.shear else 0.0
+    zx, zy = rng.uniform(1 - a.zoom, 1 + a.zoom, 2) if a.zoom else (1.0, 1.0)
+    rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
+    shr = np.array([[1.0, -math.sin(shear)], [0.0, math.cos(shear)]])
+    m = rot @ shr @ np.diag([zx, zy])
+    c = (size - 1) / 2
+    offset = np.array([c, c]) - m @ np.array([c, c]) + np.array([tx, ty])
+    return np.hstack([m, offset[:, None]]).astype(np.float32)
 
 
-def color_jitter(img: np.ndarray, j: float, rng: np.random.Generator) -> np.ndarray:
-    b, c, s = rng.uniform(1 - j, 1 + j, size=3)
-    return color_affine(img, b, c, s)
+def draw(h: int, w: int, size: int, params: AugParams, rng: np.random.Generator, crop_pct: float = 0.875,
+         affine: Affine | None = None) -> Draw:
+    """All of one sample's random choices, in a fixed order of the generator (CPU and GPU pipelines share it)."""
+    if params.center_crop:
+        d = Draw(center_box(h, w, crop_pct))
+        if affine is not None and affine.on:
+            d.affine = affine_matrix(affine, size, rng)
+        return d
+    d = Draw(random_resized_box(h, w, params.crop_scale, params.crop_ratio, rng))
+    d.flip = bool(rng.random() < params.hflip)
+    if affine is not None and affine.on:
+        d.affine = affine_matrix(affine, size, rng)
+    for _ in range(params.randaug_ops):
+        name = RAND_AUGMENT_OPS[int(rng.integers(len(RAND_AUGMENT_OPS)))]
+        if rng.random() < params.randaug_prob:
+            d.ops.append((name, op_value(name, params.randaug_magnitude, rng)))
+    if params.color_jitter > 0:
+        j = params.color_jitter
+        d.jitter = tuple(float(v) for v in rng.uniform(1 - j, 1 + j, size=3))
+    if rng.random() < params.erase_prob:
+        d.erase = erase_box(size, rng)
+    return d
 
 
-def random_erase(img: np.ndarray, rng: np.random.Generator, area=(0.02, 1 / 3), log_ratio=(-1.204, 1.194)):
-    """timm's RandomErasing (per-pixel random fill) on a uint8 image, in place."""
-    h, w = img.shape[:2]
+def erase_box(size: int, rng: np.random.Generator, area=(0.02, 1 / 3), log_ratio=(-1.204, 1.194)):
+    """timm's RandomErasing region on a size x size image, and a seed for its random fill; None if none fits."""
     for _ in range(10):
-        target = h * w * rng.uniform(*area)
+        target = size * size * rng.uniform(*area)
         aspect = math.exp(rng.uniform(*log_ratio))
         eh, ew = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-        if eh < h and ew < w:
-            y, x = int(rng.integers(0, h - eh + 1)), int(rng.integers(0, w - ew + 1))
-            img[y:y + eh, x:x + ew] = rng.integers(0, 256, (eh, ew, 3), dtype=np.uint8)
-            return img
-    return img
-
-
-# ------------------------------------------------------------------------------------------- the transform
-
-
-class ImageTransform:
-    """Encoded bytes → augmented (size, size, 3) uint8 RGB, with all randomness from the caller's generator."""
-
-    def __init__(self, size: int, strength: float = 0.0, train: bool = True, crop_pct: float = 0.875):
-        if size < 1:
-            raise ValueError(f"image size must be >= 1, got {size}")
-        if not 0 < crop_pct <= 1:
-            raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
-        self.size, self.crop_pct = size, crop_pct
-        self.params = aug_params(strength if train else 0.0)
-
-    def __call__(self, data: bytes, ext: str, rng: np.random.Generator) -> np.ndarray:
-        p = self.params
-        if p.center_crop:
-            return decode_crop(data, ext, lambda h, w: center_box(h, w, self.crop_pct), self.size)
-        img = decode_crop(data, ext, lambda h, w: random_resized_box(h, w, p.crop_scale, p.crop_ratio, rng),
-                          self.size, fast=True)
-        if rng.random() < p.hflip:
-            img = cv2.flip(img, 1)
-        for _ in range(p.randaug_ops):
-            op = RAND_AUGMENT_OPS[int(rng.integers(len(RAND_AUGMENT_OPS)))]
-            if rng.random() < p.randaug_prob:
-                img = rand_augment_op(img, op, p.randaug_magnitude, rng)
-        if p.color_jitter > 0:
-            img = color_jitter(img, p.color_jitter, rng)
-        if rng.random() < p.erase_prob:
-            img = random_erase(np.ascontiguousarray(img), rng)
-        return img
-
-    def center(self, img: np.ndarray) -> np.ndarray:
-        """The evaluation crop of an already decoded (H, W, 3) uint8 RGB image (predict decodes files itself)."""
-        h, w = img.shape[:2]
-        return crop_resize(img, (h, w), center_box(h, w, self.crop_pct), self.size)
-
-    def torchvision_equivalent(self):
-        """The same mapping with torchvision transforms on PIL images (the benchmark's ImageFolder baseline)."""
-        from torchvision.transforms import v2
-
-        p, size = self.params, self.size
-        if p.center_crop:
-            return v2.Compose([v2.Resize(round(size / self.crop_pct)), v2.CenterCrop(size), v2.PILToTensor()])
-        # torchvision's RandAugment applies every drawn op; its magnitude bins 0..30 are timm's 0..10 times 3.
-        randaug = v2.RandomApply([v2.RandAugment(num_ops=1, magnitude=round(3 * p.randaug_magnitude))],
-                                 p=p.randaug_prob)
-        ops = [v2.RandomResizedCrop(size, scale=p.crop_scale, ratio=p.crop_ratio), v2.RandomHorizontalFlip(p.hflip)]
-        ops += [randaug] * p.randaug_ops
-        if p.color_jitter > 0:
-            ops.append(v2.ColorJitter(p.color_jitter, p.color_jitter, p.color_jitter))
-        ops += [v2.PILToTensor(), v2.RandomErasing(p.erase_prob, value=0)]
-        return v2.Compose(ops)
+        if eh < size and ew < size:
+            y, x = int(rng.integers(0, size - eh + 1)), int(rng.integers(0, size - ew + 1))
+            return y, x, eh, ew, int(rng.integers(1 << 31))
+    return None

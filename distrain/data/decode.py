@@ -66,7 +66,8 @@ def _pil_decode(data: bytes, min_h: int = 0, min_w: int = 0) -> np.ndarray:
         raise DecodeError(f"{type(e).__name__}: {e}") from None
 
 
-def _decode_full(data: bytes) -> np.ndarray:
+def decode_full(data: bytes) -> np.ndarray:
+    """Any image format in full, as (H, W, 3) uint8 RGB (OpenCV, else PIL); DecodeError when it does not decode."""
     try:
         arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     except cv2.error:  # empty buffer and the like
@@ -116,7 +117,7 @@ def decode_crop(data: bytes, ext: str, box: Callable[[int, int], Box], size: int
         if img.ndim != 3 or img.shape[2] != 3:  # PIL fallback of odd modes
             raise DecodeError(f"unexpected decoded shape {img.shape}")
     else:
-        img = _decode_full(data)
+        img = decode_full(data)
         h, w = img.shape[:2]
         top, left, bh, bw = box(h, w)
     return crop_resize(img, (h, w), (top, left, bh, bw), size)

@@ -49,9 +49,11 @@ class Loader:
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.prefetch_factor = prefetch_factor
         self.multiprocessing_context = multiprocessing_context
-        self.timeout = timeout
+        self.timeout = timeout               # seconds the main process waits for a worker's next batch (0 = forever)
         self.decode_errors = 0               # this epoch so far
         self.dropped: list[str] = []         # 'shard_url#key' of this epoch's undecodable samples
+        self.bad_shards: dict[str, str] = {}  # url → error of the shards given up this epoch
+        self.unreadable = 0                  # validation: samples of given-up shards this epoch
 
     # ---------------------------------------------------------------------------------------- properties
 
@@ -95,13 +97,27 @@ class Loader:
                           timeout=self.timeout if workers else 0, persistent_workers=False)
 
     def __iter__(self) -> Iterator[Batch]:
-        self.decode_errors, self.dropped = 0, []
+        self.decode_errors, self.dropped, self.bad_shards, self.unreadable = 0, [], {}, 0
         expected, count = len(self), 0
-        for batch in self._dataloader():
+        batches = iter(self._dataloader())
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except RuntimeError as e:
+                if "timed out" not in str(e):
+                    raise
+                d = self.dataset
+                raise DataError(f"rank {d.rank}: a loader worker produced no batch for {self.timeout:g} s (batch "
+                                f"{count + 1} of {expected}; reading split shards of {d.shards.location}): a hang "
+                                f"below the shard reader's own timeout, e.g. in a decoder") from None
             if isinstance(batch, WorkerFailure):
                 raise DataError(batch.message)
             self.decode_errors += batch.decode_errors
             self.dropped.extend(batch.dropped)
+            self.bad_shards.update(dict(batch.bad_shards))
+            self.unreadable += batch.unreadable
             count += 1
             yield batch
         if count != expected:  # the plan guarantees this; a mismatch would hang DDP, so never continue silently
@@ -113,7 +129,8 @@ def create_loader(source: Any, split: str = "train", *, train: bool = True, rank
                   seed: int = 0, epoch: int = 0, limit: int = 0, shuffle_buffer: int = 1000,
                   num_samples: int | None = None, crop_pct: float = 0.875, storage_options: dict | None = None,
                   pin_memory: bool | None = None, check_urls: bool = True, multiprocessing_context: Any = None,
-                  timeout: float = 0) -> Loader:
+                  timeout: float = 0, affine=None, decode: str = "cpu", read_timeout: float | None = None,
+                  read_retries: int = 0) -> Loader:
     """A rank's Loader over `split` of `source`.
 
     source: a shards folder or manifest.json (path or fsspec URL), a Manifest, or shard URLs (a list, a brace
@@ -123,6 +140,9 @@ def create_loader(source: Any, split: str = "train", *, train: bool = True, rank
         padding (`Batch.valid`).
     limit: use at most this many samples per epoch, taken from every shard in proportion (0 = all).
     crop_pct: evaluation (and strength 0) crop = this fraction of the shorter side, resized to image_size.
+    affine: the always-on augment.Affine (train only). decode: `cpu`, or `gpu` (workers only read and draw).
+    read_timeout / read_retries: every shard read bounded; remote shards retried (see dataset.py).
+    timeout: seconds to wait for a worker's next batch before the epoch fails (0 = no limit).
     Missing shards fail here, naming the URL. Every rank must pass the same arguments except `rank`.
     """
     if isinstance(source, Path):
@@ -135,7 +155,8 @@ def create_loader(source: Any, split: str = "train", *, train: bool = True, rank
                           image_size=image_size, aug_strength=aug_strength, seed=seed, epoch=epoch, limit=limit,
                           shuffle_buffer=shuffle_buffer, crop_pct=crop_pct,
                           num_classes=len(shards.classes) if shards.classes else None,
-                          storage_options=storage_options)
+                          storage_options=storage_options, affine=affine if train else None, decode=decode,
+                          read_timeout=read_timeout, read_retries=read_retries)
     if loader_workers < 0:
         raise ValueError(f"loader_workers must be >= 0, got {loader_workers}")
     return Loader(dataset, loader_workers, pin_memory=pin_memory, multiprocessing_context=multiprocessing_context,
@@ -166,12 +187,18 @@ def check_shards(source: Any, split: str = "train", *, world_size: int = 1, load
 
 
 def loader_args(cfg, *, rank: int, world_size: int, image_size: int, crop_pct: float, train: bool,
-                seed: int | None = None, epoch: int = 0, aug_strength: float | None = None) -> dict:
+                seed: int | None = None, epoch: int = 0, aug_strength: float | None = None,
+                decode: str = "cpu") -> dict:
     """create_loader's arguments for `cfg` (the one place the config's data section meets the loader): the train
     split (shuffled, augmented, `data.train_limit`) or the val split (manifest order, exact once, `data.val_limit`).
-    Every caller (the training loop, its torchrun twin, the benchmarks) builds its loaders from this."""
+    Every caller (the training loop, its torchrun twin, the benchmarks) builds its loaders from this. `decode` is
+    data.decode resolved for the device (`auto` → cpu or gpu)."""
+    from distrain.data.augment import Affine
+
     d = cfg.data
     return {"split": d.train_split if train else d.val_split, "train": train, "rank": rank, "world_size": world_size,
+            "affine": Affine.from_config(d.affine), "decode": decode, "read_timeout": d.read_timeout_s,
+            "read_retries": d.read_retries, "timeout": max(300.0, 3 * d.read_timeout_s) if d.loader_workers else 0,
             "batch_size": d.batch_size, "loader_workers": d.loader_workers, "image_size": image_size,
             "seed": cfg.train.seed if seed is None else seed, "epoch": epoch if train else 0,
             "shuffle_buffer": d.shuffle_buffer, "crop_pct": crop_pct,

@@ -18,7 +18,9 @@ places (AWS_* variables, ~/.aws, fsspec config such as FSSPEC_S3_ENDPOINT_URL) o
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -69,14 +71,108 @@ def _looks_like_shards(spec: Any) -> bool:
     return s.endswith(".tar") or (".tar" in s and "{" in s) or "::" in s
 
 
-def open_shard(url: str, storage_options: dict | None = None) -> BinaryIO:
-    """A sequential byte stream of one shard; FileNotFoundError names the URL."""
+class StalledRead(DataError):
+    """A shard read that returned nothing within the read timeout (a hung NFS mount, a FIFO, a silent server)."""
+
+
+class TimedReader:
+    """A shard's bytes read by a helper thread in 1 MiB chunks, so that every read has a bound: `read()` raises
+    StalledRead (naming the URL and byte offset) when no data came within `timeout` seconds. A read blocked in the
+    kernel (NFS, a FIFO) cannot be interrupted from Python; the helper thread is left to it and the shard counts as
+    unreadable, instead of the whole job waiting on it."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, opener: Callable[[], BinaryIO], url: str, timeout: float):
+        self.url, self.timeout, self.offset = url, timeout, 0
+        self._chunks: queue.Queue = queue.Queue(maxsize=4)
+        self._stop = threading.Event()
+        self._buf, self._pos, self._eof = b"", 0, False
+        self._thread = threading.Thread(target=self._pump, args=(opener,), daemon=True, name="distrain-read")
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._chunks.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _pump(self, opener) -> None:
+        try:
+            with opener() as f:
+                while not self._stop.is_set():
+                    data = f.read(self.CHUNK)
+                    if not self._put(data) or not data:
+                        return
+        except BaseException as e:  # handed to the reading thread, which raises it there
+            self._put(e)
+
+    def read(self, n: int = -1) -> bytes:
+        out = []
+        need = n if n >= 0 else 1 << 62
+        while need > 0:
+            if self._pos < len(self._buf):
+                piece = self._buf[self._pos:self._pos + need]
+                self._pos += len(piece)
+                need -= len(piece)
+                out.append(piece)
+                continue
+            if self._eof:
+                break
+            try:
+                item = self._chunks.get(timeout=self.timeout)
+            except queue.Empty:
+                raise StalledRead(f"{self.url}: no data for {self.timeout:g} s at byte {self.offset} (a stuck "
+                                  f"read: hung storage, a FIFO, or a server that stopped sending)") from None
+            if isinstance(item, BaseException):
+                if isinstance(item, FileNotFoundError):
+                    raise DataError(f"shard not found: {self.url}") from None
+                raise item
+            if not item:
+                self._eof = True
+            self._buf, self._pos = item, 0
+        data = b"".join(out)
+        self.offset += len(data)
+        return data
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_shard(url: str, storage_options: dict | None = None, timeout: float | None = None) -> BinaryIO:
+    """A sequential byte stream of one shard; DataError names the URL when it does not exist. With `timeout`, every
+    read is bounded (TimedReader) and what is not a regular file (a FIFO, a device) is refused before it is opened."""
     path = _local_path(url)
     if path is not None:
+        if timeout is not None:
+            import stat
+
+            try:
+                mode = os.stat(path).st_mode
+            except FileNotFoundError:
+                raise DataError(f"shard not found: {url}") from None
+            if not stat.S_ISREG(mode):
+                raise DataError(f"{url}: not a regular file (a FIFO, socket or device): not read")
+            return TimedReader(lambda: open(path, "rb", buffering=0), url, timeout)
         try:
             return open(path, "rb", buffering=1 << 20)
         except FileNotFoundError:
             raise DataError(f"shard not found: {url}") from None
+    if timeout is not None:
+        return TimedReader(lambda: _open_remote(url, storage_options), url, timeout)
+    return _open_remote(url, storage_options)
+
+
+def _open_remote(url: str, storage_options: dict | None = None) -> BinaryIO:
     import fsspec
 
     if url.startswith(("http://", "https://")):
@@ -114,14 +210,15 @@ def _sample_entries(tar: TarStream) -> Iterator[tuple[str, str]]:
             yield key, ext
 
 
-def iter_samples(url: str, start: int = 0, stop: int | None = None,
-                 storage_options: dict | None = None) -> Iterator[dict]:
+def iter_samples(url: str, start: int = 0, stop: int | None = None, storage_options: dict | None = None,
+                 timeout: float | None = None) -> Iterator[dict]:
     """Samples [start, stop) of one shard as dicts {'__key__', '__url__', '__index__', ext: bytes, ...}.
 
     Samples before `start` are skipped without reading their data (seeked over on local files). A shard that
     ends before `stop` raises DataError (its manifest count is wrong): silently yielding fewer would break the plan.
+    With `timeout`, every read is bounded (StalledRead).
     """
-    stream = open_shard(url, storage_options)
+    stream = open_shard(url, storage_options, timeout)
     index, current = -1, None
     try:
         tar = _members(url, stream)
@@ -138,6 +235,10 @@ def iter_samples(url: str, start: int = 0, stop: int | None = None,
                 current[ext] = tar.read()
     except (TarError, OSError, EOFError) as e:  # gzip raises OSError/EOFError on damaged data
         raise DataError(f"{url}: unreadable shard after sample {index}: {e}") from None
+    except DataError:
+        raise
+    except Exception as e:  # whatever a remote filesystem raises (aiohttp, botocore): one line, the URL named
+        raise DataError(f"{url}: unreadable shard after sample {index}: {type(e).__name__}: {e}") from None
     finally:
         stream.close()
     if current is not None and index >= start:

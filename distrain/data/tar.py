@@ -23,6 +23,7 @@ from typing import BinaryIO
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
 REGULAR = (b"0", b"\0", b"7")
+MAX_EXTENDED_HEADER = 1 << 20  # PAX / GNU long-name records: a few hundred bytes in practice
 
 
 class TarError(ValueError):
@@ -30,7 +31,8 @@ class TarError(ValueError):
 
 
 def _number(field: bytes) -> int:
-    if field[:1] == b"\x80":  # GNU base-256 for sizes >= 8 GiB
+    """A header's numeric field: octal text, or GNU base-256 (sizes >= 8 GiB). ValueError when neither."""
+    if field[:1] == b"\x80":
         return int.from_bytes(field[1:], "big")
     field = field.split(b"\0", 1)[0].strip()
     return int(field, 8) if field else 0
@@ -48,12 +50,21 @@ def _checksum_ok(header: bytes) -> bool:
     return stored == signed
 
 
-def _pax_records(data: bytes) -> dict[str, str]:
-    """'LEN key=value\\n' records of a PAX extended header."""
+def _pax_records(data: bytes, where: str) -> dict[str, str]:
+    """'LEN key=value\\n' records of a PAX extended header. Every malformed record (a length that is not a number,
+    is not positive, or runs past the header) raises TarError naming `where`: a loop that cannot advance would spin
+    forever (one flipped byte in a shard hung a 2-worker run this way)."""
     out, pos = {}, 0
     while pos < len(data) and data[pos:pos + 1] not in (b"", b"\0"):
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
+        space = data.find(b" ", pos, pos + 21)
+        digits = data[pos:space] if space > pos else b""
+        if not digits.isdigit():
+            raise TarError(f"{where}: malformed PAX record at record offset {pos} (length {digits[:20]!r} is not a "
+                           f"number)")
+        length = int(digits)
+        if length <= space - pos or pos + length > len(data) or data[pos + length - 1:pos + length] != b"\n":
+            raise TarError(f"{where}: malformed PAX record at record offset {pos} (length {length} does not fit "
+                           f"the {len(data)}-byte header)")
         key, _, value = data[space + 1:pos + length - 1].partition(b"=")
         out[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
         pos += length
@@ -63,8 +74,8 @@ def _pax_records(data: bytes) -> dict[str, str]:
 class TarStream:
     """Iterate (name, size) of the regular files of a tar stream; `read()` returns the current file's bytes."""
 
-    def __init__(self, stream: BinaryIO, name: str = "tar"):
-        self.f, self.name = stream, name
+    def __init__(self, stream: BinaryIO, name: str = "tar", total: int | None = None):
+        self.f, self.name, self.total = stream, name, total  # total: the file's size, when known
         self.offset = 0            # bytes consumed so far (for error messages)
         self._size = 0             # unread bytes of the current member's data
         self._pending = 0          # bytes to skip before the next header (unread data plus padding)
@@ -107,19 +118,32 @@ class TarStream:
             if not _checksum_ok(header):
                 raise TarError(f"{self.name}: not a tar archive, or damaged at byte {self.offset - BLOCK} "
                                f"(header checksum mismatch)")
+            start = self.offset - BLOCK
             kind = header[156:157]
-            size = _number(header[124:136])
+            try:
+                size = _number(header[124:136])
+            except ValueError:
+                raise TarError(f"{self.name}: bad size field {header[124:136]!r} in the header at byte "
+                               f"{start}") from None
             if kind in (b"x", b"g", b"L", b"K"):  # metadata for the next member (or global): read it now
+                if size > MAX_EXTENDED_HEADER:
+                    raise TarError(f"{self.name}: extended header of {size} bytes at byte {start} (damaged size)")
                 data = self._read_exact((size + BLOCK - 1) // BLOCK * BLOCK)[:size]
                 if len(data) < size:
                     raise TarError(f"{self.name}: truncated extended header at byte {self.offset}")
                 if kind == b"x":
-                    pax = _pax_records(data)
+                    pax = _pax_records(data, f"{self.name} (header at byte {start})")
                 elif kind == b"L":
                     long_name = data.rstrip(b"\0").decode("utf-8", "replace")
                 continue
             if "size" in pax:
+                if not pax["size"].isdigit():
+                    raise TarError(f"{self.name}: PAX size {pax['size'][:20]!r} of the member at byte {start} is "
+                                   f"not a number")
                 size = int(pax["size"])
+            if self.total is not None and self.offset + size > self.total:
+                raise TarError(f"{self.name}: the member at byte {start} claims {size} bytes, past the end of the "
+                               f"{self.total}-byte file (truncated or damaged)")
             name = pax.get("path") or long_name
             if name is None:
                 name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")

@@ -97,7 +97,7 @@ class Predictor:
     """A loaded model with its evaluation transform: encoded images in, top-k classes and probabilities out."""
 
     def __init__(self, loaded, device: str | torch.device = "auto", batch_size: int = 64):
-        from distrain.data.augment import ImageTransform
+        from distrain.data.transform import ImageTransform
 
         self.loaded, self.classes = loaded, list(loaded.classes)
         self.device = pick_device(device) if isinstance(device, str) else device

@@ -28,11 +28,12 @@ from PIL import Image
 
 
 def make_bench_images(root: str | Path, num_images: int = 800, side: int = 500, num_classes: int = 4,
-                      seed: int = 0) -> Path:
-    """An ImageFolder of photo-like JPEGs around `side` px (longer side within ±20%), quality 92."""
+                      seed: int = 0, start: int = 0) -> Path:
+    """An ImageFolder of photo-like JPEGs around `side` px (longer side within ±20%), quality 92; files are
+    numbered from `start` (so several processes can fill one folder)."""
     root = Path(root)
-    rng = np.random.default_rng(seed)
-    for i in range(num_images):
+    rng = np.random.default_rng([seed, start])
+    for i in range(start, start + num_images):
         label = i % num_classes
         long_side = int(side * rng.uniform(0.8, 1.2))
         short_side = int(long_side * 0.75)

@@ -175,20 +175,34 @@ class Stepper:
     def lr(self) -> float:
         return max(g["lr"] for g in self.optimizer.param_groups)  # the head's
 
-    def _stop_agreed(self) -> bool:
-        """Whether any rank was asked to stop: one tiny all-reduce, so every rank stops after the same step."""
+    def _stop_flag(self) -> torch.Tensor:
+        """Whether any rank was asked to stop, as a device scalar: one tiny all-reduce, so every rank stops after
+        the same step."""
         flag = torch.tensor([1.0 if self.stop_requested() else 0.0], device=self.device)
         if distributed():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return flag[0]
 
     def run_epoch(self, loader, epoch: int, world: int, log_every: int = 0, on_log=None) -> dict:
         cfg, device, accum = self.cfg, self.device, self.cfg.optim.grad_accum
         self.ddp_model.train()
         t0 = time.perf_counter()
         t_log, seen_log = t0, 0
-        loss_sum, seen, decode_errors, first_step_at = 0.0, 0, 0, None
+        seen, decode_errors, first_step_at = 0, 0, None
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)  # on the device: no sync per step
+        # On a GPU the host runs ahead of the device; reading the gradient norm or the stop flag at once would
+        # stall it every step (and with it the next batch's decode and copy). There, both are read one step
+        # later through a pinned copy and an event (Later): a non-finite step still stops every rank before
+        # the epoch's checkpoint, and a stop still ends every rank after the same step.
+        pending: tuple[int, Later, torch.Tensor] | None = None
+        pending_stop: Later | None = None
         self.optimizer.zero_grad(set_to_none=True)
+
+        def stopped() -> dict:
+            return {"status": "stopped", "epoch": epoch, "step": self.global_step, "seen": seen,
+                    "loss_sum": float(loss_sum), "decode_errors": decode_errors, "first_step_at": first_step_at,
+                    "train_time": time.perf_counter() - t0}
+
         for i, batch in enumerate(loader):
             x = self.prepare(batch)
             y = batch.labels.to(device, non_blocking=True)
@@ -200,8 +214,7 @@ class Stepper:
                 with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                     loss = self.criterion(self.ddp_model(x), target)
                 self.scaler.scale(loss / accum).backward()
-            loss_value = float(loss.detach())
-            loss_sum += loss_value * len(y)
+            loss_sum += loss.detach().double() * len(y)
             seen += len(y)
             decode_errors += int(batch.decode_errors)
             if not last_micro:
@@ -210,10 +223,12 @@ class Stepper:
             # The norm is computed after the all-reduce, so it is identical on every rank: a non-finite one
             # stops all ranks together, with no extra collective and no rank left waiting.
             grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.optim.grad_clip or float("inf"))
-            if not self.use_scaler and not torch.isfinite(grad_norm):
-                return {"status": "nan", "epoch": epoch, "step": self.global_step, "first_step_at": first_step_at,
-                        "message": f"loss/gradients became non-finite at epoch {epoch + 1}, step "
-                                   f"{self.global_step} (loss {loss_value:.4g})"}
+            if not self.use_scaler:  # (the GradScaler skips non-finite steps itself)
+                if pending is not None and not math.isfinite(pending[1].value()):
+                    return self._nan(epoch, *pending, first_step_at)
+                pending = (self.global_step, Later(grad_norm), loss.detach())
+                if device.type != "cuda" and not math.isfinite(pending[1].value()):
+                    return self._nan(epoch, *pending, first_step_at)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
@@ -223,15 +238,47 @@ class Stepper:
                 first_step_at = time.time()  # wall clock: the driver compares it with its own start
             if on_log and log_every and self.global_step % log_every == 0:
                 now = time.perf_counter()
-                on_log(self.global_step, i, loss_value, (seen - seen_log) * world / max(1e-9, now - t_log),
+                on_log(self.global_step, i, float(loss), (seen - seen_log) * world / max(1e-9, now - t_log),
                        self.lr())
                 t_log, seen_log = now, seen
-            if self.stop_requested is not None and self._stop_agreed():
-                return {"status": "stopped", "epoch": epoch, "step": self.global_step, "seen": seen,
-                        "loss_sum": loss_sum, "decode_errors": decode_errors, "first_step_at": first_step_at,
-                        "train_time": time.perf_counter() - t0}
-        return {"status": "ok", "loss_sum": loss_sum, "seen": seen, "decode_errors": decode_errors,
+            if self.stop_requested is not None:
+                if pending_stop is not None and pending_stop.value():
+                    return stopped()
+                pending_stop = Later(self._stop_flag())
+                if device.type != "cuda" and pending_stop.value():
+                    return stopped()
+        if pending is not None and not math.isfinite(pending[1].value()):
+            return self._nan(epoch, *pending, first_step_at)
+        if pending_stop is not None and pending_stop.value():
+            return stopped()
+        return {"status": "ok", "loss_sum": float(loss_sum), "seen": seen, "decode_errors": decode_errors,
                 "train_time": time.perf_counter() - t0, "first_step_at": first_step_at}
+
+    @staticmethod
+    def _nan(epoch: int, step: int, _norm, loss: torch.Tensor, first_step_at) -> dict:
+        return {"status": "nan", "epoch": epoch, "step": step, "first_step_at": first_step_at,
+                "message": f"loss/gradients became non-finite at epoch {epoch + 1}, step {step} "
+                           f"(loss {float(loss):.4g})"}
+
+
+class Later:
+    """A device scalar to read later without stalling the stream: on CUDA a non-blocking copy into pinned memory
+    and an event recorded after it; elsewhere the value itself (nothing runs ahead on a CPU)."""
+
+    def __init__(self, t: torch.Tensor):
+        self.event = None
+        if t.device.type == "cuda":
+            self.host = torch.empty((), dtype=t.dtype, pin_memory=True)
+            self.host.copy_(t.reshape(()), non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = t
+
+    def value(self) -> float:
+        if self.event is not None:
+            self.event.synchronize()
+        return float(self.host)
 
 
 # --------------------------------------------------------------------------------------------------- setup
@@ -266,6 +313,7 @@ class Worker:
     phase: Phase | None = None
     start_epoch: int = 0
     seed: int = 0
+    decode: str = "cpu"  # data.decode resolved for the device
     history: list = field(default_factory=list)
     checkpoint_meta: dict | None = None
     stop_requested: Any = None  # a callable polled after every step (Tune stopped the trial, Ctrl-C)
@@ -313,7 +361,7 @@ class Worker:
             self.ddp_model = wrap(self.model, self.device)
         args = loader_args(cfg, rank=self.rank, world_size=self.world, image_size=self.spec.image_size,
                            crop_pct=self.spec.preprocess["crop_pct"], train=True, seed=self.seed,
-                           epoch=phase.start)
+                           epoch=phase.start, decode=self.decode)
         self.train_loader = create_loader(self.manifest, **args)
         self.stepper = Stepper(cfg, self.model, self.ddp_model, self.device, len(self.train_loader),
                                self.model.num_classes, self.prepare, phase.epochs, previous=previous)
@@ -345,9 +393,12 @@ def check_replicas(model) -> str:
 
 
 def setup(cfg, manifest, *, rank: int = 0, world: int = 1, device: torch.device | None = None,
-          checkpoint=None) -> Worker:
-    """Build one rank's model, DDP wrapper, loaders and stepper for `cfg` (resuming `checkpoint` if given)."""
-    from distrain.data import BatchToDevice, create_loader, loader_args
+          checkpoint=None, decode: str | None = None) -> Worker:
+    """Build one rank's model, DDP wrapper, loaders and stepper for `cfg` (resuming `checkpoint` if given).
+    `decode`: the resolved data.decode (default: data.decode for `device`; the GPU bench passes `gpu` on a CPU to
+    test the device path there)."""
+    from distrain.data import create_loader, loader_args
+    from distrain.data.gpu import create_prepare, resolve_decode
     from distrain.models import ModelSpec, create_model
     from distrain.train import checkpoint as ckpt
 
@@ -369,10 +420,11 @@ def setup(cfg, manifest, *, rank: int = 0, world: int = 1, device: torch.device 
     if cfg.data.channels_last:  # NHWC: faster convolutions with cuDNN and with oneDNN on CPU (1.7x here)
         model.to(memory_format=torch.channels_last)
     pre = model.spec.preprocess
-    prepare = BatchToDevice(device, pre["mean"], pre["std"], channels_last=cfg.data.channels_last)
+    decode = decode or resolve_decode(cfg.data.decode, device)
+    prepare = create_prepare(cfg.data, device, pre["mean"], pre["std"], model.spec.image_size, decode)
     val_args = loader_args(cfg, rank=rank, world_size=world, image_size=model.spec.image_size,
-                           crop_pct=pre["crop_pct"], train=False, seed=seed)
+                           crop_pct=pre["crop_pct"], train=False, seed=seed, decode=decode)
     val_loader = create_loader(manifest, **val_args)
     return Worker(cfg=cfg, rank=rank, world=world, device=device, manifest=manifest, model=model, ddp_model=None,
                   prepare=prepare, val_loader=val_loader, start_epoch=start_epoch, seed=seed, history=history,
-                  checkpoint_meta=meta, _state=state)
+                  checkpoint_meta=meta, _state=state, decode=decode)

@@ -128,6 +128,10 @@ def check_cluster(cfg, cluster: dict[str, Any], facts: dict[str, Any] | None = N
         if problem:
             raise PreflightError(problem + ": lower scaling.num_workers or data.loader_workers, or set "
                                            "scaling.cpus_per_worker")
+    if cfg.data.decode == "gpu" and not gpu:
+        raise PreflightError("data.decode=gpu decodes on the training GPU, but these workers get none "
+                             f"(scaling.use_gpu={cfg.scaling.use_gpu}, cluster GPUs: {cluster.get('GPU', 0):g}): "
+                             "use data.decode=auto or cpu")
     facts.update(use_gpu=gpu, resources=placement.worker_resources(cfg, gpu))
     return facts
 

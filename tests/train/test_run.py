@@ -151,6 +151,14 @@ def test_preflight_more_cpus_than_the_local_cluster_has(tiny_shards, tmp_path):
         preflight(cfg, {"nodes": 1, "CPU": 2})
 
 
+def test_preflight_gpu_decode_without_gpus_names_data_decode(tiny_shards, tmp_path):
+    cfg = load_config(None, fast_train_overrides(tiny_shards, tmp_path, **{"data.decode": "gpu"}))
+    with pytest.raises(TrainingError, match=r"data.decode=gpu .* get none \(scaling.use_gpu=auto, cluster GPUs: 0\)"):
+        preflight(cfg, {"nodes": 1, "CPU": 2})
+    # auto resolves to the CPU pipeline there and passes
+    preflight(cfg.replace({"data.decode": "auto"}), {"nodes": 1, "CPU": 2})
+
+
 @pytest.mark.parametrize("override,message", [
     ({"model.backbone": "resnet5O"}, r"model.backbone=resnet5O: unknown backbone 'resnet5O'"),
     ({"model.unfreeze_depth": 12}, r"unfreeze_depth 12 is out of range for mobilenet_v2, which has 9 stages"),
