@@ -95,6 +95,9 @@ def _process_start(pid: int) -> str | None:
         return None
 
 
+_HELD: set[str] = set()  # lock files the RunLocks of this process hold right now
+
+
 class RunLock:
     """One live run or sweep per folder: `.distrain.lock` names the holder (host, pid, start time).
 
@@ -124,8 +127,8 @@ class RunLock:
     def stale(self, rec: dict) -> bool:
         if rec.get("host") == socket.gethostname():
             pid = int(rec.get("pid") or 0)
-            if pid == os.getpid():
-                return False
+            if pid == os.getpid():  # ours: live if a lock object of this process holds it, else left behind
+                return self.url not in _HELD
             return not _pid_alive(pid) or (rec.get("start") is not None and _process_start(pid) != rec.get("start"))
         return time.time() - float(rec.get("heartbeat") or 0) > self.stale_after_s
 
@@ -155,6 +158,7 @@ class RunLock:
                 f.write(data)
         else:
             write_bytes(self.url, data)
+        _HELD.add(self.url)
         self._thread = threading.Thread(target=self._beat, name="distrain-lock-heartbeat", daemon=True)
         self._thread.start()
         return self
@@ -171,11 +175,14 @@ class RunLock:
 
     def release(self) -> None:
         self._stop.set()
+        _HELD.discard(self.url)
         rec = self.holder()
         if rec is not None and rec.get("pid") == self.record["pid"] and rec.get("host") == self.record["host"]:
-            with contextlib.suppress(Exception):
+            try:
                 fs, path = fs_of(self.url)
                 fs.rm(path)
+            except Exception as e:  # a storage gone read-only: the next start finds the holder gone and takes over
+                self.log(f"could not remove the lock {self.url} ({type(e).__name__}: {e})")
 
     def __enter__(self) -> RunLock:
         return self.acquire()

@@ -21,9 +21,10 @@ Files: W&B writes `<WANDB_DIR or wandb.dir or the run folder>/wandb/`; a run fol
 folder under ~/.cache/distrain/wandb/ instead, announced at start. WANDB_DATA_DIR (where wandb stages table images)
 points into the same folder unless set, so an offline run is self-contained there.
 
-Failure policy: W&B trouble never costs a training run. If W&B cannot start (bad key, no network, init timeout)
-the run warns once and continues untracked; if any logging call raises, it warns once and tracking is off for
-the rest of the run. `finish` is idempotent and never raises.
+Failure policy: W&B trouble never costs a training run. If an online run cannot start (no network, a server that
+stalls past wandb.init_timeout) it warns once and logs offline instead, same run id, for `wandb sync` later; if
+W&B cannot start at all, it warns once and continues untracked; if any logging call raises, it warns once and
+tracking is off for the rest of the run. `finish` is idempotent, bounded by wandb.finish_timeout, never raises.
 """
 
 from __future__ import annotations
@@ -159,11 +160,11 @@ def run_config(cfg, **extra: Any) -> dict[str, Any]:
 
 
 def _init(cfg, *, run_dir: str, config: dict | None, name: str | None = None, job_type: str | None = None,
-          group: str | None = None):
+          group: str | None = None, mode: str | None = None):
     """wandb.init with distrain's conventions; returns (run, env var restorer). Raises on any failure."""
     import wandb
 
-    mode = resolve_mode(cfg)
+    mode = mode or resolve_mode(cfg)
     root = wandb_root(cfg, run_dir)
     Path(root, "wandb").mkdir(parents=True, exist_ok=True)
     # Mode and server go in the environment as well as into wandb.init: wandb's process-wide parts (its own error
@@ -217,12 +218,32 @@ def start_tracker(cfg, rank: int = 0, run_dir: str | None = None) -> Tracker:
     if storage.is_remote(chosen):
         say(f"W&B files of {run_dir} go to the local folder {wandb_dir(cfg, run_dir)} (W&B cannot write to "
             f"{chosen.split('://', 1)[0]}://)")
+    mode = resolve_mode(cfg)
     try:
         run, restore = _init(cfg, run_dir=run_dir, config=run_config(cfg, run_dir=run_dir))
     except Exception as e:  # W&B trouble of any kind must not cost the run
-        warn(f"W&B could not start ({type(e).__name__}: {_first_line(e)}); training continues without "
-             f"tracking (wandb.mode={cfg.wandb.mode}, resolved to {resolve_mode(cfg)})")
-        return Tracker()
+        if mode != "online":
+            warn(f"W&B could not start ({type(e).__name__}: {_first_line(e)}); training continues without "
+                 f"tracking (wandb.mode={cfg.wandb.mode}, resolved to {mode})")
+            return Tracker()
+        # The server did not answer (down, unreachable, stalled): the run is still recorded, offline, with the
+        # same id, so `wandb sync` uploads it later as the run it would have been. One warning says so. The
+        # failed attempt still holds that id in wandb's service process: a fresh service first.
+        try:
+            import wandb
+
+            wandb.teardown()
+            run, restore = _init(cfg, run_dir=run_dir, config=run_config(cfg, run_dir=run_dir), mode="offline")
+        except Exception as e2:
+            warn(f"W&B could not start online ({type(e).__name__}: {_first_line(e)}) nor offline "
+                 f"({type(e2).__name__}: {_first_line(e2)}); training continues without tracking")
+            return Tracker()
+        tracker = WandbTracker(run, cfg, restore)
+        tracker._warn_once(f"W&B server {base_url(cfg) or 'api.wandb.ai'} did not answer ({type(e).__name__}: "
+                           f"{_first_line(e)}); logging offline to {tracker.offline_dir} instead (upload later with: "
+                           f"{tracker.sync_command})")
+        tracker._guard("set-up", tracker._define_metrics)
+        return tracker
     tracker = WandbTracker(run, cfg, restore)
     tracker._guard("set-up", tracker._define_metrics)
     return tracker

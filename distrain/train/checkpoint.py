@@ -42,6 +42,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used as asked (other classes or backbone, unreadable files)."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """The run's storage did not take a checkpoint (read-only, full, gone); the message names the last good one."""
+
+
 @dataclass
 class Loaded:
     meta: dict[str, Any]

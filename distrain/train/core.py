@@ -238,7 +238,7 @@ class Stepper:
                 first_step_at = time.time()  # wall clock: the driver compares it with its own start
             if on_log and log_every and self.global_step % log_every == 0:
                 now = time.perf_counter()
-                on_log(self.global_step, i, float(loss), (seen - seen_log) * world / max(1e-9, now - t_log),
+                on_log(self.global_step, i, float(loss.detach()), (seen - seen_log) * world / max(1e-9, now - t_log),
                        self.lr())
                 t_log, seen_log = now, seen
             if self.stop_requested is not None:

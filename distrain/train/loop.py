@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from distrain import storage
-from distrain.console import say
+from distrain.console import say, warn
 from distrain.train import checkpoint
 from distrain.train.core import all_gather, all_sum, compute_threads, param_digest, setup
 
@@ -58,6 +58,12 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     manifest = load_manifest(cfg.data.shards)
     resumed = _resume_point()
     w = setup(cfg, manifest, rank=rank, world=world, device=device, checkpoint=resumed)
+    poller = None
+    if loop_config.get("control") is not None:
+        from distrain.train.control import StopPoller
+
+        poller = w.stop_requested = StopPoller(loop_config["control"])
+    bad_limit = max_bad_shards(cfg, manifest)
     if rank == 0 and resumed is not None:
         say(f"resuming at epoch {w.start_epoch + 1} from {resumed.path}")
     classes, history = w.classes, w.history
@@ -82,11 +88,13 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             run = w.stepper.run_epoch(w.train_loader, epoch, world, log_every=cfg.train.log_every, on_log=on_log)
             first_step_at = first_step_at or run["first_step_at"]
             if run["status"] != "ok":  # nan: stop, naming the step; stopped: the trial or run was stopped
-                status = run
+                status = {**run, "reason": poller.reason if poller else None}
                 break
             meter, wrong, val_decode_errors = w.validate(misclassified_cap)
             val = meter.compute(classes)
             totals = [all_sum(run[k], device) for k in ("loss_sum", "seen", "decode_errors")]
+            skipped = skipped_shards(w)  # every rank's, the same list on all of them
+            val_unreadable = int(all_sum(w.val_loader.unreadable, device))
             metrics = {
                 "epoch": epoch + 1,
                 "phase": w.phase.index + 1,
@@ -101,10 +109,21 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 "val_count": val["count"],
                 "val_per_class_acc": val["per_class_acc"],
                 "decode_errors": int(totals[2]) + val_decode_errors,
+                "skipped_shards": skipped,
+                "val_unreadable": val_unreadable,
                 "global_step": w.stepper.global_step,
                 "first_step_at": first_step_at,
             }
             history.append(dict(metrics))
+            if skipped and rank == 0:
+                warn(f"epoch {epoch + 1}: {len(skipped)} shard(s) skipped (unreadable; their samples refilled from "
+                     f"the others" + (f", {val_unreadable} validation samples not read" if val_unreadable else "")
+                     + "): " + "; ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+            if len(skipped) > bad_limit:
+                status = {"status": "bad_shards", "epoch": epoch, "message": (
+                    f"epoch {epoch + 1}: {len(skipped)} unreadable shards, more than data.max_bad_shards="
+                    f"{bad_limit}: " + "; ".join(skipped))}
+                break
             tracker.log_epoch(epoch + 1, metrics, val["confusion"], classes, wrong)
             if rank == 0:
                 say(f"epoch {epoch + 1}/{cfg.train.epochs}: train_loss {metrics['train_loss']:.4f} "
@@ -112,6 +131,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                     f"({val['count']} val images, {metrics['images_per_s']:,.0f} img/s)")
             position = {**w.train_loader.position(), "epoch": epoch + 1, "seed": w.seed}
             _report(ray.train, metrics, rank, w, cfg, epoch + 1, history, position, val["confusion"])
+        if poller is not None:
+            poller.close()
         # All replicas must hold the same parameters after DDP: check it rather than assume it.
         digests = all_gather(param_digest(w.model))
         status["replicas_in_sync"] = len(set(digests)) == 1
@@ -123,6 +144,23 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         tracker.finish({"status": "failed"})
         raise
     return status
+
+
+def max_bad_shards(cfg, manifest) -> int:
+    """data.max_bad_shards resolved: -1 = 1% of the train split's shards, at least 1."""
+    if cfg.data.max_bad_shards >= 0:
+        return cfg.data.max_bad_shards
+    n = len(manifest.shard_urls(cfg.data.train_split))
+    return max(1, -(-n // 100))
+
+
+def skipped_shards(w) -> list[str]:
+    """'url: error' of every shard any rank gave up this epoch (train and validation), sorted; all ranks agree."""
+    mine = {**w.train_loader.bad_shards, **w.val_loader.bad_shards}
+    merged: dict[str, str] = {}
+    for part in all_gather(mine):
+        merged.update(part)
+    return [f"{url}: {error}" for url, error in sorted(merged.items())]
 
 
 def _say_phase(cfg, w, epoch: int) -> None:
@@ -152,4 +190,12 @@ def _report(train_api, metrics, rank, w, cfg, epoch, history, position, confusio
                     "confusion": confusion, "config": cfg.to_dict()}
             checkpoint.write(d, w.model, w.stepper.state_dict(), meta, full=cfg.model.save_frozen)
             ckpt = train_api.Checkpoint.from_directory(d)
-        train_api.report(metrics, checkpoint=ckpt, checkpoint_dir_name=checkpoint.dir_name(epoch))
+        try:
+            train_api.report(metrics, checkpoint=ckpt, checkpoint_dir_name=checkpoint.dir_name(epoch))
+        except OSError as e:  # the storage stopped taking writes: say where, and what is still there
+            run_dir = storage.run_folder(cfg)
+            last = checkpoint.latest(run_dir)
+            raise checkpoint.CheckpointWriteError(
+                f"cannot write the epoch {epoch} checkpoint to {run_dir} ({type(e).__name__}: {e}); the last good "
+                f"checkpoint is {last or 'none'}: make the storage writable and rerun the same command to resume "
+                f"from it") from None

@@ -22,7 +22,6 @@ At the end the run folder holds:
 from __future__ import annotations
 
 import os
-import signal
 import threading
 import time
 from typing import Any
@@ -39,10 +38,13 @@ absolute_paths = storage.absolute_paths
 run_dir_of = storage.run_folder
 
 
-def fit(cfg: Config, *, restart: bool = False, callbacks: list | None = None) -> dict[str, Any]:
+def fit(cfg: Config, *, restart: bool = False, callbacks: list | None = None, handle=None) -> dict[str, Any]:
     """Run (or resume) the training run `cfg` describes to completion; returns the summary (also summary.json).
 
-    callbacks: Ray Train callbacks that observe the run (a Tune trial's reporting); they change nothing in it."""
+    callbacks: Ray Train callbacks that observe the run (a Tune trial's reporting); they change nothing in it.
+    handle: a control.RunHandle to stop or abort the run from elsewhere (a Tune trial's cleanup); fit() makes its
+    own otherwise. In the main thread, the first Ctrl-C stops the run after the current step (checkpoints kept,
+    W&B finished as `stopped`; the same command resumes it), a second one aborts it."""
     from distrain import runtime
 
     t_start, wall_start = time.perf_counter(), time.time()
@@ -76,7 +78,10 @@ def fit(cfg: Config, *, restart: bool = False, callbacks: list | None = None) ->
         if restart:
             _remove_run(run_dir, lock)
         storage.write_text(storage.join(run_dir, "config.yaml"), to_yaml(cfg))
-        result = _run_trainer(cfg, facts, callbacks)
+        from distrain.train.control import RunHandle
+
+        handle = handle or RunHandle()
+        result = _run_trainer(cfg, facts, callbacks, handle)
         return _finish(cfg, run_dir, result, t_start, wall_start)
     finally:
         lock.release()
@@ -92,19 +97,23 @@ def _remove_run(run_dir: str, lock: storage.RunLock) -> None:
     lock.rewrite()
 
 
-def _run_trainer(cfg: Config, facts: dict[str, Any], callbacks: list | None):
+def _run_trainer(cfg: Config, facts: dict[str, Any], callbacks: list | None, handle):
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from distrain.train.loop import train_loop_per_worker
 
     name, run_dir = cfg.train.name, facts["run_dir"]
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "cpus_per_worker": facts["resources"]["CPU"]},
+        train_loop_config={"config": cfg.to_dict(), "cpus_per_worker": facts["resources"]["CPU"],
+                           "control": handle.control},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=facts["use_gpu"],
                                      resources_per_worker=facts["resources"]),
+        # Every collective is bounded: a rank stuck in a read or lost with its node ends the attempt (and Ray
+        # Train's failure handling restarts it from the last checkpoint) instead of freezing every GPU.
+        torch_config=TorchConfig(timeout_s=int(cfg.scaling.collective_timeout_s)),
         run_config=RunConfig(
             name=name, storage_path=storage.absolute(cfg.scaling.storage_path),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures,
@@ -112,20 +121,51 @@ def _run_trainer(cfg: Config, facts: dict[str, Any], callbacks: list | None):
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
                                                checkpoint_score_attribute="val_top1",
                                                checkpoint_score_order="max"),
-            callbacks=callbacks or None,
+            callbacks=[*(callbacks or []), *handle.callbacks] or None,
             worker_runtime_env={"env_vars": worker_env()}),
     )
-    previous_sigint = signal.getsignal(signal.SIGINT)
     try:
+        if threading.current_thread() is threading.main_thread():
+            return _fit_interruptible(trainer, handle)
         return trainer.fit()
     except ray.train.TrainingFailedError as e:
+        if handle.stopping == "aborted":
+            raise TrainingError(f"training run {name} aborted (run folder {run_dir}; rerun the same command to "
+                                f"resume from its last checkpoint)") from None
         raise TrainingError(f"training run {name} failed (run folder {run_dir}; rerun the same command to resume "
                             f"from its last checkpoint):\n{redact_text(str(e))}") from None
-    finally:
-        # fit() installs a Ctrl-C handler that holds the controller actor; put ours back so the finished
-        # controller is released (and a later Ctrl-C does not go to a run that is over).
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, previous_sigint)
+
+
+def _fit_interruptible(trainer, handle):
+    """trainer.fit() in a thread, so Ctrl-C reaches this one: the first stops the run after the current step,
+    the second aborts it. (In the main thread, Ray Train would install its own handler, which aborts at once.)"""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # re-raised in the caller's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="distrain-fit", daemon=True)
+    thread.start()
+    interrupts = 0
+    while thread.is_alive():
+        try:
+            thread.join(0.5)
+        except KeyboardInterrupt:
+            interrupts += 1
+            if interrupts == 1:
+                say("Ctrl-C: stopping after the current step; checkpoints are kept and the same command resumes "
+                    "(Ctrl-C again to abort now)")
+                handle.stop("Ctrl-C")
+            else:
+                say("Ctrl-C again: aborting the run")
+                handle.abort(timeout_s=30)
+                handle.stopping = "aborted"
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 def worker_env() -> dict[str, str]:
@@ -147,8 +187,14 @@ def _finish(cfg: Config, run_dir: str, result, t_start: float, wall_start: float
         last = checkpoint.latest(run_dir)
         raise TrainingError(f"{status['message']}; stopped. Last good checkpoint: {last or 'none'} (lower "
                             f"optim.lr, enable optim.grad_clip, or check the data)")
+    if status.get("status") == "bad_shards":
+        last = checkpoint.latest(run_dir)
+        raise TrainingError(f"{status['message']}; stopped. Last good checkpoint: {last or 'none'}")
     history = status.get("history") or []
     best = checkpoint.best(run_dir)
+    if status.get("status") == "stopped" and not history:
+        raise TrainingError(f"training run {name} stopped ({status.get('reason', 'requested')}) in epoch "
+                            f"{status.get('epoch', 0) + 1} before its first checkpoint: nothing kept")
     if best is None or not history:
         raise TrainingError(f"training run {name} reported no epochs")
     best_ckpt, best_metrics = best
@@ -157,6 +203,7 @@ def _finish(cfg: Config, run_dir: str, result, t_start: float, wall_start: float
         "best_epoch": best_metrics["epoch"],
         "epochs": history[-1]["epoch"],
         "status": status.get("status", "ok"),
+        "stop_reason": status.get("reason"),
         "best_checkpoint": best_ckpt,
         "images_per_s": sum(h["images_per_s"] for h in history) / len(history),
         "run_dir": run_dir,
@@ -164,6 +211,8 @@ def _finish(cfg: Config, run_dir: str, result, t_start: float, wall_start: float
         "final_val_top1": history[-1]["val_top1"],
         "replicas_in_sync": status.get("replicas_in_sync"),
         "decode_errors": sum(h.get("decode_errors", 0) for h in history),
+        # every shard given up in any epoch, with its error (the epochs' own lists are in history)
+        "skipped_shards": sorted({s for h in history for s in h.get("skipped_shards", [])}),
         "wall_s": round(time.perf_counter() - t_start, 1),
         # From this call's start to this call's first optimizer step (start-up cost: Ray, workers, model, data).
         "first_step_s": (round(history[-1]["first_step_at"] - wall_start, 1)

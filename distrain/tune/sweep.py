@@ -141,8 +141,29 @@ def make_scheduler(cfg: Config):
         return FIFOScheduler()
     # Rungs sit strictly below the last epoch (max_t just under train.epochs): a "stop" at the last epoch saves
     # nothing and would kill a trial while it writes its model. stop_last_trials=False: trials end on their own.
-    return ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs - 0.5, grace_period=cfg.tune.grace_period,
-                         reduction_factor=cfg.tune.reduction_factor, stop_last_trials=False)
+    return prompt_stops(ASHAScheduler, cfg.tune.name)(
+        time_attr="epoch", max_t=cfg.train.epochs - 0.5, grace_period=cfg.tune.grace_period,
+        reduction_factor=cfg.tune.reduction_factor, stop_last_trials=False)
+
+
+def prompt_stops(scheduler_cls, sweep: str):
+    """`scheduler_cls` that also tells a trial's run to stop the moment it decides so, straight to the run's stop
+    flag (train/control.py, read after every step). Tune's own stop goes through the trial actor (its cleanup()
+    asks the same flag, then waits); this path does not depend on that actor being free to take the call."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from distrain.train.control import stop_named
+    from distrain.tune.trial import stop_name
+
+    class PromptStop(scheduler_cls):
+        def on_trial_result(self, tune_controller, trial, result):
+            decision = super().on_trial_result(tune_controller, trial, result)
+            if decision == TrialScheduler.STOP:
+                stop_named(stop_name(sweep, trial.trial_id), f"stopped by {scheduler_cls.__name__}")
+            return decision
+
+    PromptStop.__name__ = f"Prompt{scheduler_cls.__name__}"
+    return PromptStop
 
 
 def make_searcher(cfg: Config, total_trials: int, concurrency: int):

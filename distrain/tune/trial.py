@@ -11,13 +11,12 @@ Tune. The trial driver only waits on the Train
 controller, so it reserves no CPU (`TRIAL_DRIVER_RESOURCES`).
 
 Why the trainable is a class and not the bare function: when a scheduler (ASHA) stops a trial, Tune calls the trial
-actor's `cleanup()` and then ends the actor. The Train controller is owned by that actor and dies with it, so its
-workers and placement group would be left to Ray Train's detached clean-up actor, which polls the state API and is
-known to miss (it cannot tell which cluster to ask when several Ray instances run on one machine, and some Ray
-versions leaked these groups). A leaked group keeps its CPUs/GPUs, and the next trial's workers then wait for them
-until their start-up retries run out. So the controller sends its own handle to the trial driver when it starts
-(`_ControllerHandle`), and `cleanup()` aborts the Train run through it: workers stopped, placement group removed,
-before Tune moves on.
+actor's `cleanup()` and then ends the actor. The Train controller is owned by that actor and dies with it, which
+would cut the run off mid-step: W&B left unfinished, workers and placement group left to Ray Train's detached
+clean-up actor (known to miss them when several Ray instances share a machine; a leaked group keeps its CPUs/GPUs
+and the next trial waits for them). So `cleanup()` first asks the run to stop (train/control.py: every rank stops
+after the same step, the W&B run is finished with status `stopped`, Ray Train ends the run normally), waits up to
+STOP_GRACE_S for fit() to return, and only then aborts the Train run through its controller's handle.
 """
 
 from __future__ import annotations
@@ -35,18 +34,22 @@ TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 256 * 1024**2}
 RUNS = "runs"  # <sweep_dir>/runs/<trial>/ is each trial's Ray Train run folder
 ATTEMPTS = "attempts"  # <sweep_dir>/attempts/<trial>/*.json: one record per start of a trial
 
+STOP_GRACE_S = 60.0  # how long a stopped trial may take to finish its step and close W&B before it is aborted
+
 # State of the trial running in this actor process (Tune runs one trial per actor: reuse_actors=False).
-_ACTIVE: dict[str, Any] = {"queue": None, "stopping": False, "attempt": None}
+_ACTIVE: dict[str, Any] = {"handle": None, "stopping": False, "attempt": None, "done": None}
 
 
 def run_trial(config: dict, *, base: dict, sweep: str, sweep_dir: str) -> None:
     """Tune function trainable: one trial = one Ray Train run of the base config with this trial's values."""
+    import threading
+
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
-    from ray.util.queue import Queue
 
     from distrain.config import from_dict
     from distrain.train import fit
+    from distrain.train.control import RunHandle
 
     name = tune.get_context().get_trial_name()
     config = {k: v.item() if hasattr(v, "item") else v for k, v in config.items()}  # numpy scalars → Python
@@ -54,65 +57,37 @@ def run_trial(config: dict, *, base: dict, sweep: str, sweep_dir: str) -> None:
                                    "train.job_type": "trial", "train.group": sweep})
     _ACTIVE["attempt"] = record_attempt(sweep_dir, name, config)
     say(f"trial {name} starts: " + ", ".join(f"{k}={v}" for k, v in config.items()))
-    callbacks = [TuneReportCallback()]
-    handle = _controller_handle_callback()
-    if handle is not None:
-        _ACTIVE["queue"] = Queue(maxsize=1, actor_options={"num_cpus": 0})
-        callbacks.append(handle(_ACTIVE["queue"]))
+    trial_id = tune.get_context().get_trial_id()
+    _ACTIVE["handle"], _ACTIVE["done"] = RunHandle(stop_name(sweep, trial_id)), threading.Event()
     try:
         # A non-finite loss or a worker group that keeps failing raises TrainingError: Tune records it as this
         # trial's error and the sweep carries on.
-        fit(cfg, callbacks=callbacks)
+        fit(cfg, callbacks=[TuneReportCallback()], handle=_ACTIVE["handle"])
     except Exception:
         if _ACTIVE["stopping"]:
-            return  # Tune stopped the trial and cleanup() aborted its run: not a failure
+            return  # Tune stopped the trial before its first epoch ended: not a failure
         raise
     finally:
-        _ACTIVE["queue"] = None  # the run is over: nothing left for cleanup() to abort
+        _ACTIVE["done"].set()
+        _ACTIVE["handle"] = None  # the run is over: nothing left for cleanup() to stop
 
 
-def _controller_handle_callback():
-    """The Ray Train controller callback class (DeveloperAPI of Train V2), or None if this Ray lacks it."""
-    try:
-        ControllerCallback = _compat.controller_callback_base()
-    except _compat.CompatError:
-        return None
-
-    class _ControllerHandle(ControllerCallback):
-        """Runs in the Train controller: hands the controller's own actor handle to the trial driver."""
-
-        def __init__(self, queue):
-            self._queue = queue
-
-        def after_controller_start(self, train_run_context) -> None:
-            import ray
-
-            try:
-                self._queue.put(ray.get_runtime_context().current_actor, timeout=10)
-            except Exception as e:
-                warn(f"trial driver not told about its Train controller ({type(e).__name__}: {e})")
-
-    return _ControllerHandle
+def stop_name(sweep: str, trial_id: str) -> str:
+    """The name of a trial's stop flag actor: how the sweep's scheduler reaches it (sweep.make_scheduler)."""
+    return f"distrain-stop-{sweep}-{trial_id}"
 
 
-def abort_inner_run(timeout_s: float = 60.0) -> bool:
-    """Abort this actor's Train run, if one is going (Tune is stopping the trial). Returns whether it tried."""
+def stop_inner_run(grace_s: float = STOP_GRACE_S) -> bool:
+    """Stop this actor's Train run, if one is going (Tune is stopping the trial): ask, wait, then abort.
+    Returns whether there was one."""
     _ACTIVE["stopping"] = True
-    queue = _ACTIVE["queue"]
-    if queue is None:
+    handle, done = _ACTIVE["handle"], _ACTIVE["done"]
+    if handle is None:
         return False
-    import ray
-
-    try:
-        controller = queue.get(block=False)
-    except Exception:  # Empty: the controller never started; or the queue actor is gone
-        return False
-    try:
-        # abort() stops the workers, removes the placement group, then exits the controller: the call ends with
-        # the actor's death, which is the expected outcome.
-        ray.get(controller.abort.remote(), timeout=timeout_s)
-    except Exception:
-        pass
+    handle.stop("stopped by Tune")
+    if done is None or not done.wait(grace_s):
+        warn(f"the trial's run did not stop within {grace_s:g} s; aborting it")
+        handle.abort()
     return True
 
 
@@ -126,9 +101,9 @@ def trial_trainable(*, base: dict, sweep: str, sweep_dir: str):
 
     class DistrainTrial(function):
         def cleanup(self):
-            if abort_inner_run():
+            if stop_inner_run():
                 mark_stopped(_ACTIVE["attempt"])
-                say(f"trial {self.trial_name} stopped: its Train run was aborted and its workers released")
+                say(f"trial {self.trial_name} stopped: its Train run ended and its workers were released")
             super().cleanup()
 
     return tune.with_resources(DistrainTrial, TRIAL_DRIVER_RESOURCES)
