@@ -1,9 +1,11 @@
-"""`distrain shards build` writes WebDataset shards from images; `distrain shards inspect` describes them.
+"""`distrain shards build` writes WebDataset shards from images; `shards index` indexes shards other tools wrote, in
+place; `distrain shards inspect` describes either.
 
 Usage:
     distrain shards build photos/ --out data/photos --max-side 384 --workers 4
     distrain shards build labels.csv --out s3://bucket/photos --classes cat,dog --val-fraction 0.2
     distrain shards build fashion-mnist --out data/fashion-mnist --limit 2000
+    distrain shards index --out data/mine --split train='s3://b/wds/train-{000000..000099}.tar' --val-shards 2
     distrain shards inspect data/photos --verify
 
 Both end with one JSON line of figures (`tail -n 1`).
@@ -60,6 +62,31 @@ def add_arguments(parser):
     b.add_argument("--no-download", action="store_true", help="fashion-mnist: never try to download it")
     b.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
+    x = sub.add_parser("index", help="index WebDataset shards other tools wrote, in place (a manifest, no copy)",
+                       description="Write manifest.json (+ timm's _info.json) in --out for existing WebDataset "
+                                   "shards, which stay where they are: each --split NAME=SOURCE is a folder, a glob, "
+                                   "a brace pattern or a text file of URLs (local, NFS, s3://, gs://, http://).")
+    x.add_argument("--out", "-o", required=True, help="where manifest.json goes (local path or fsspec URL)")
+    x.add_argument("--split", action="append", required=True, metavar="NAME=SOURCE",
+                   help="a split and its shards, e.g. train='s3://b/train-{000000..000099}.tar' (repeatable)")
+    x.add_argument("--val-shards", type=count(0), default=0, help="one --split only: hold out N whole shards as val")
+    x.add_argument("--val-fraction", type=number(0.0, 0.99), default=0.0,
+                   help="one --split only: hold out this fraction of its shards as val (at least one)")
+    x.add_argument("--seed", type=int, default=0, help="seed of the val cut (default 0)")
+    x.add_argument("--label", default="", help="cls, label, target, txt or json:FIELD (default: the first of "
+                                               "cls, label, target present)")
+    x.add_argument("--classes", help="class names in label order: a,b,c or a file with one per line (default: "
+                                     "discovered: sorted names, or 0..K-1 for integer labels)")
+    x.add_argument("--image-key", default="", help="the image's extension (default: the first of jpg, jpeg, "
+                                                   "png, webp present)")
+    x.add_argument("--workers", type=count(0), default=0, help="reader processes (default: one per CPU)")
+    x.add_argument("--ray", action="store_true", help="read the shards with Ray tasks (joins RAY_ADDRESS or "
+                                                      "starts a local Ray)")
+    x.add_argument("--strict", action="store_true", help="an unreadable shard is an error (default: left out "
+                                                         "and listed)")
+    x.add_argument("--verify", action="store_true", help="decode every image (default: headers only)")
+    x.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
     i = sub.add_parser("inspect", help="class counts, shard sizes and skipped inputs; --verify re-reads all",
                        description="Describe a shards folder from its manifest; --verify re-reads every "
                                    "shard and checks counts and checksums.")
@@ -71,7 +98,39 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    return _build(args) if args.action == "build" else _inspect(args)
+    return {"build": _build, "index": _index, "inspect": _inspect}[args.action](args)
+
+
+def _index(args) -> int:
+    from distrain.data.index import IndexError_, IndexOptions, index_shards
+    from distrain.shards.sources import SourceError, parse_classes
+
+    splits = {}
+    for item in args.split:
+        name, eq, source = item.partition("=")
+        if not eq or not name or not source:
+            raise CommandError(f"--split {item!r}: expected NAME=SOURCE, e.g. train=/data/shards/")
+        if name in splits:
+            raise CommandError(f"--split {name} given twice")
+        splits[name] = source
+    try:
+        classes = parse_classes(args.classes) if args.classes else None
+    except SourceError as e:
+        raise CommandError(str(e)) from None
+    opts = IndexOptions(label=args.label, classes=classes, image_key=args.image_key.lower().lstrip("."),
+                        val_shards=args.val_shards, val_fraction=args.val_fraction, seed=args.seed,
+                        workers=args.workers, ray=args.ray, strict=args.strict, verify=args.verify,
+                        progress=not args.quiet)
+    if args.ray:
+        from distrain import runtime
+
+        runtime.connect()
+    try:
+        figures = index_shards(splits, args.out, opts)
+    except (IndexError_, OSError) as e:
+        raise CommandError(str(e)) from None
+    emit_json(figures)
+    return 0
 
 
 def _build(args) -> int:
@@ -112,7 +171,12 @@ def _inspect(args) -> int:
     figures = {"dir": manifest.location, **manifest_figures(manifest)}
     counts = None
     report = None
-    if args.verify:
+    if args.verify and manifest.source.startswith("index:"):  # shards other tools wrote: read with the loader's reader
+        from distrain.data.index import verify_index
+
+        report = verify_index(manifest, decode=args.decode, progress=not args.quiet)
+        counts = None
+    elif args.verify:
         report = verify_shards(manifest, decode=args.decode, progress=not args.quiet)
         counts = report.class_counts
     print(inspect_text(manifest, counts, args.max_skipped))

@@ -35,10 +35,10 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from distrain.data.augment import Affine, Draw
 from distrain.data.decode import DecodeError
+from distrain.data.layout import image_of, label_of
 from distrain.data.plan import Plan, Segment, WorkerPlan, make_plan
 from distrain.data.sources import DataError, ShardSet, iter_samples
 from distrain.data.transform import ImageTransform
-from distrain.images import IMAGE_KEYS
 
 PAD_LABEL = -1  # label of padding rows (valid=False): indexing with it fails loudly if the mask is forgotten
 
@@ -159,6 +159,7 @@ class ShardStream(IterableDataset):
         self.storage_options, self.decode = storage_options, decode
         self.read_timeout, self.read_retries = read_timeout, read_retries
         self.transform = ImageTransform(image_size, aug_strength, train=train, crop_pct=crop_pct, affine=affine)
+        self._class_index = {c: i for i, c in enumerate(shards.classes or [])}
         self.plan()  # fail now (not in a worker) when the split cannot give every rank a batch
 
     def set_epoch(self, epoch: int) -> None:
@@ -171,28 +172,27 @@ class ShardStream(IterableDataset):
 
     # ------------------------------------------------------------------------------------------ samples
 
-    def _label(self, sample: dict) -> int:
-        url, key = sample["__url__"], sample["__key__"]
-        raw = sample.get("cls")
-        if raw is None:
-            has = ", ".join(k for k in sample if not k.startswith("__")) or "nothing"
-            raise DataError(f"{url}: sample '{key}' has no .cls label (it has: {has})")
-        try:
-            label = int(raw.decode("utf-8").strip())
-        except (UnicodeDecodeError, ValueError):
-            raise DataError(f"{url}: sample '{key}': label {raw[:20]!r} is not an integer") from None
-        if label < 0 or (self.num_classes is not None and label >= self.num_classes):
-            raise DataError(f"{url}: sample '{key}': label {label} is outside the {self.num_classes} classes")
-        return label
+    def _label(self, sample: dict) -> int | None:
+        """The sample's class index (None: it has no label, and is dropped and counted like an undecodable one)."""
+        layout = self.shards.layout or {}
+        found = label_of(sample, layout.get("label", "cls"))
+        if found is None:
+            return None
+        value = found[1]
+        if isinstance(value, str):
+            index = self._class_index.get(value)
+            if index is None:
+                raise DataError(f"{sample['__url__']}: sample '{sample['__key__']}': label {value[:40]!r} is not "
+                                f"one of the manifest's classes")
+            return index
+        if value < 0 or (self.num_classes is not None and value >= self.num_classes):
+            raise DataError(f"{sample['__url__']}: sample '{sample['__key__']}': label {value} is outside the "
+                            f"{self.num_classes} classes")
+        return value
 
-    @staticmethod
-    def _image(sample: dict) -> tuple[bytes, str]:
-        for ext in IMAGE_KEYS:
-            if ext in sample:
-                return sample[ext], ext
-        has = ", ".join(k for k in sample if not k.startswith("__")) or "nothing"
-        raise DataError(f"{sample['__url__']}: sample '{sample['__key__']}' has no image (.jpg/.png/...; it has: "
-                        f"{has})")
+    def _image(self, sample: dict) -> tuple[bytes, str] | None:
+        ext = image_of(sample, (self.shards.layout or {}).get("image_key", ""))
+        return None if ext is None else (sample[ext], ext)
 
     def _segment(self, seg: Segment, failed: dict[int, str]) -> Iterator[dict]:
         """The samples of one segment; a shard that fails (after retries, for remote ones) lands in `failed` and
@@ -255,10 +255,11 @@ class ShardStream(IterableDataset):
                 samples = _shuffled(samples, self.shuffle_buffer, rng)
             with contextlib.closing(samples):
                 for sample in samples:
-                    label = self._label(sample)
-                    data, ext = self._image(sample)
+                    label, found = self._label(sample), self._image(sample)
                     try:
-                        image = self._prepare(data, ext, rng)
+                        if label is None or found is None:  # no label or no image: as undecodable
+                            raise DecodeError("no label" if label is None else "no image")
+                        image = self._prepare(found[0], found[1], rng)
                     except DecodeError:
                         errors += 1
                         all_errors += 1

@@ -44,6 +44,7 @@ class ShardSet:
     num_samples: int | None
     classes: list[str] | None = None  # from the manifest; None for raw URL lists
     location: str = ""                # manifest folder, or the URL pattern
+    layout: dict | None = None        # the manifest's layout (data/layout.py); None = distrain's own (.cls, image)
 
 
 def expand_urls(spec: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -323,4 +324,4 @@ def resolve_source(source: Any, split: str = "train", num_samples: int | None = 
     if check:
         check_urls(urls, storage_options)
     sizes = manifest.shard_sizes(split)
-    return ShardSet(urls, sizes, sum(sizes), list(manifest.classes), manifest.location)
+    return ShardSet(urls, sizes, sum(sizes), list(manifest.classes), manifest.location, manifest.layout or None)

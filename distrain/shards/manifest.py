@@ -42,6 +42,8 @@ class ShardInfo:
     num_samples: int
     bytes: int = 0
     sha256: str = ""
+    stamp: str = ""        # indexed shards: modification time or ETag when indexed (re-index reuses unchanged)
+    labels: dict[str, int] = field(default_factory=dict)  # indexed shards: raw label (JSON text) → samples
 
 
 @dataclass
@@ -61,6 +63,9 @@ class Manifest:
     options: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
     ignored: dict[str, int] = field(default_factory=dict)  # inputs left out by rule (hidden, extension)
+    # where the loader finds label and image (data/layout.py): {"label": "cls", "label_names": false,
+    # "image_key": ""} for distrain's own shards; `distrain shards index` records what other tools wrote
+    layout: dict[str, Any] = field(default_factory=dict)
     location: str = ""  # the folder this manifest was read from (not saved)
 
     @property
@@ -86,7 +91,7 @@ class Manifest:
     def to_json(self) -> str:
         d = asdict(self)
         d.pop("location")
-        order = ["format", "classes", "splits", "skipped", "ignored", "source", "created", "options"]
+        order = ["format", "classes", "splits", "skipped", "ignored", "source", "created", "options", "layout"]
         return json.dumps({k: d[k] for k in order}, indent=2)
 
 
@@ -131,7 +136,7 @@ def from_dict(d: dict, location: str = "") -> Manifest:
         return Manifest(classes=list(d["classes"]), splits=splits, skipped=list(d.get("skipped", [])),
                         source=d.get("source", ""), created=d.get("created", ""), options=d.get("options", {}),
                         format=d.get("format", FORMAT), ignored=dict(d.get("ignored", {})),
-                        location=location)
+                        layout=dict(d.get("layout") or {}), location=location)
     except (KeyError, TypeError) as e:
         raise ManifestError(f"{location or 'manifest'}: malformed manifest ({e!r})") from None
 
