@@ -41,7 +41,8 @@ class AffineConfig:
     rotation: float = opt(0.0, "Rotation range in degrees: each image turns by uniform(-r, r).", range=(0.0, 180.0))
     shift: float = opt(0.0, "Width/height shift range as a fraction of the side: uniform(-s, s) each way.",
                        range=(0.0, 1.0))
-    shear: float = opt(0.0, "Shear range in radians, as Keras' shear_range: uniform(-s, s).", range=(0.0, 1.5))
+    shear: float = opt(0.0, "Shear range in degrees, as Keras' shear_range (degrees since Keras 2): "
+                       "uniform(-s, s).", range=(0.0, 80.0))
     zoom: float = opt(0.0, "Zoom range: each axis scales by uniform(1 - z, 1 + z).", range=(0.0, 0.9))
     fill: Literal["nearest", "constant"] = opt("nearest", "How pixels that come from outside the image are "
                                                "filled: `nearest` edge pixel (Keras' default) or a constant gray.")

@@ -1,11 +1,12 @@
 """Stopping a run from outside, promptly and cleanly: a small actor the driver owns and every rank polls.
 
 Usage:
-    control = RunControl.options(num_cpus=0).remote()       # driver (train/run.py creates one per fit())
-    ray.get(control.request_stop.remote("Ctrl-C"))         # Tune stopping a trial, the first Ctrl-C
-    poller = StopPoller(control)                            # every rank: stepper.stop_requested = poller
-    ...
-    handle = controller_handle_callback()(queue)            # the Train controller's handle, to abort() if need be
+    handle = RunHandle(name=None)          # driver (fit() makes one per run): the control actor + controller hook
+    fit(cfg, handle=handle)                # ... in another thread; then, from anywhere in the driver:
+    handle.stop("Ctrl-C")                  # every rank stops after the same step, W&B finished as `stopped`
+    handle.abort()                         # the fallback: the Train controller's abort()
+    poller = StopPoller(control)           # on every rank (train/loop.py): stepper.stop_requested = poller
+    stop_named("distrain-stop-...", why)   # a named handle's run, from elsewhere in the job (a sweep's scheduler)
 
 Why an actor and a polling thread: the step loop must learn of a stop between two steps without a remote call per
 step, so each rank asks the actor every `POLL_S` seconds in a daemon thread (every call bounded) and the loop reads
@@ -28,11 +29,18 @@ CALL_TIMEOUT_S = 10  # bound of every call to the control actor
 
 
 class _RunControl:
-    """The stop flag of one run (and why it was set)."""
+    """The stop flag of one run (and why it was set), and the run's Train controller handle once it started."""
 
     def __init__(self):
         self.reason: str | None = None
         self.at: float | None = None
+        self._controller = None
+
+    def set_controller(self, handle) -> None:
+        self._controller = [handle]  # wrapped: a handle returned bare would be resolved, not passed back
+
+    def controller(self):
+        return self._controller
 
     def request_stop(self, reason: str = "requested") -> None:
         if self.reason is None:
@@ -109,70 +117,45 @@ class StopPoller:
     def __call__(self) -> bool:
         return self.reason is not None
 
+    def why(self) -> str | None:
+        """The stop's reason, asked now if this rank's thread has not seen it yet (another rank did first)."""
+        if self.reason is None:
+            import ray
+
+            try:
+                self.reason = ray.get(self.control.stop_requested.remote(), timeout=CALL_TIMEOUT_S)
+            except Exception:  # the control actor is gone
+                pass
+        return self.reason
+
     def close(self) -> None:
         self._done.set()
 
 
 def controller_handle_callback():
-    """The Ray Train controller callback class that sends the controller's actor handle through a queue, or None
-    if this Ray lacks the (DeveloperAPI) base class."""
+    """The Ray Train controller callback class that hands the controller's actor handle to a RunControl actor, or
+    None if this Ray lacks the (DeveloperAPI) base class."""
     try:
         ControllerCallback = _compat.controller_callback_base()
     except _compat.CompatError:
         return None
 
     class _ControllerHandle(ControllerCallback):
-        """Runs in the Train controller: hands the controller's own actor handle to the driver."""
+        """Runs in the Train controller: hands the controller's own actor handle to the run's control actor."""
 
-        def __init__(self, queue):
-            self._queue = queue
+        def __init__(self, control):
+            self._control = control
 
         def after_controller_start(self, train_run_context) -> None:
             import ray
 
             try:
-                self._queue.put(ray.get_runtime_context().current_actor, timeout=10)
+                ray.get(self._control.set_controller.remote(ray.get_runtime_context().current_actor),
+                        timeout=CALL_TIMEOUT_S)
             except Exception as e:
                 warn(f"driver not told about its Train controller ({type(e).__name__}: {e})")
 
     return _ControllerHandle
-
-
-class Controller:
-    """The driver's side of controller_handle_callback: a queue the callback fills, and abort()."""
-
-    def __init__(self):
-        from ray.util.queue import Queue
-
-        self.callback = None
-        self._queue = None
-        self._handle = None
-        cls = controller_handle_callback()
-        if cls is not None:
-            self._queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
-            self.callback = cls(self._queue)
-
-    def handle(self):
-        if self._handle is None and self._queue is not None:
-            try:
-                self._handle = self._queue.get(block=False)
-            except Exception:  # Empty: the controller has not started; or the queue actor is gone
-                return None
-        return self._handle
-
-    def abort(self, timeout_s: float = 60.0) -> bool:
-        """Abort the Train run (workers stopped, placement group removed). Returns whether there was one."""
-        import ray
-
-        controller = self.handle()
-        if controller is None:
-            return False
-        try:
-            # abort() ends with the controller actor's death, which is the expected outcome of the call.
-            ray.get(controller.abort.remote(), timeout=timeout_s)
-        except Exception:
-            pass
-        return True
 
 
 class RunHandle:
@@ -180,12 +163,13 @@ class RunHandle:
 
     def __init__(self, name: str | None = None):
         self.control = create_control(name)
-        self.controller = Controller()
+        cls = controller_handle_callback()
+        self._callback = cls(self.control) if cls is not None else None
         self.stopping: str | None = None
 
     @property
     def callbacks(self) -> list:
-        return [self.controller.callback] if self.controller.callback is not None else []
+        return [self._callback] if self._callback is not None else []
 
     def stop(self, reason: str) -> bool:
         """Every rank stops after the same step (within about POLL_S plus one step), then the run ends normally."""
@@ -193,5 +177,19 @@ class RunHandle:
         return request_stop(self.control, reason)
 
     def abort(self, timeout_s: float = 60.0) -> bool:
+        """Abort the Train run (workers stopped, placement group removed). Returns whether there was one."""
+        import ray
+
         self.stopping = self.stopping or "aborted"
-        return self.controller.abort(timeout_s)
+        try:
+            held = ray.get(self.control.controller.remote(), timeout=CALL_TIMEOUT_S)
+        except Exception:  # the control actor is gone: so is the run it belonged to
+            return False
+        if not held:
+            return False
+        try:
+            # abort() ends with the controller actor's death, which is the expected outcome of the call.
+            ray.get(held[0].abort.remote(), timeout=timeout_s)
+        except Exception:
+            pass
+        return True

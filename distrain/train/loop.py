@@ -76,6 +76,10 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         for epoch in range(w.start_epoch, cfg.train.epochs):
             if w.begin_epoch(epoch) and rank == 0:
                 _say_phase(cfg, w, epoch)
+                if cfg.train.phases:  # a mark on W&B's step axis where each phase (re)starts
+                    tracker.log({"train/step": w.stepper.global_step, "phase/index": w.phase.index + 1,
+                                 "phase/epoch": epoch + 1, "phase/unfreeze_depth": w.model.unfreeze_depth,
+                                 "phase/trainable_params": w.model.num_trainable(), "phase/lr": w.stepper.lr()})
             micro_batches = len(w.train_loader)
 
             def on_log(step, i, loss, ips, lr, epoch=epoch, micro_batches=micro_batches):
@@ -88,7 +92,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             run = w.stepper.run_epoch(w.train_loader, epoch, world, log_every=cfg.train.log_every, on_log=on_log)
             first_step_at = first_step_at or run["first_step_at"]
             if run["status"] != "ok":  # nan: stop, naming the step; stopped: the trial or run was stopped
-                status = {**run, "reason": poller.reason if poller else None}
+                status = {**run, "reason": poller.why() if poller else None}
                 break
             meter, wrong, val_decode_errors = w.validate(misclassified_cap)
             val = meter.compute(classes)

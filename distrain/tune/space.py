@@ -27,6 +27,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -204,6 +205,11 @@ def _check_args(where: str, spec: str, d: Dist) -> Dist:
 
 
 def _annotation(key: str) -> Any:
+    phase = re.fullmatch(r"train\.phases\.\d+\.(.+)", key)
+    if phase:  # a phase key has the type of the key it overrides in that phase
+        key = phase.group(1)
+        if key == "epochs":
+            return int
     section, name = key.split(".", 1)
     cls = next(f.default_factory for f in dataclasses.fields(Config) if f.name == section)
     return typing.get_type_hints(cls)[name]

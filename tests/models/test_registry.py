@@ -526,3 +526,35 @@ def test_cli_models_list_and_show(capsys):
     assert main(["models", "show", "mobilenet_v3"]) == 2  # close matches, one clean line
     err = capsys.readouterr().err
     assert "unknown backbone" in err and "torchvision:mobilenet_v3_small" in err
+
+
+def test_seed_architectures_are_staged_as_their_users_speak_of_them(capsys):
+    """VGG16: five conv blocks cut at the max-pools, fc6+fc7 a separate `top` stage that vgg_top=drop removes;
+    Inception v3: its stem and named Mixed blocks at 299 px; ResNet: stem and layer1-4."""
+    from distrain.cli import main
+
+    def show(*args):
+        assert main(["models", "show", *args]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    vgg = show("torchvision:vgg16")
+    assert [s["name"] for s in vgg["stages"]] == ["block1", "block2", "block3", "block4", "block5", "top"]
+    assert [s["params"] for s in vgg["stages"]] == [38_720, 221_440, 1_475_328, 5_899_776, 7_079_424,
+                                                    119_545_856]
+    assert vgg["stages"][0]["modules"] == [f"features.{i}" for i in range(5)]  # 2 convs, 2 ReLUs, the pool
+    assert vgg["stages"][4]["modules"][-1] == "features.30"  # block5 ends at its max-pool
+    from distrain.models import ModelSpec, create_model
+
+    base = create_model(ModelSpec("torchvision:vgg16", ("a", "b", "c"), weights="none", vgg_top="drop",
+                                  head_pool="flatten", head_hidden=256, image_size=64))
+    assert [s.name for s in base.stages] == ["block1", "block2", "block3", "block4", "block5"]
+    base.apply_unfreeze(1)  # "fine-tune block 5"
+    assert {n.split(".")[1] for n, p in base.named_parameters() if p.requires_grad and n.startswith("backbone")} \
+        == {"features"} and base.num_trainable() == 7_079_424 + (512 * 2 * 2 * 256 + 256) + (256 * 3 + 3)
+    inc = show("torchvision:inception_v3")
+    assert [s["name"] for s in inc["stages"]] == ["stem", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a",
+                                                  "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a",
+                                                  "Mixed_7b", "Mixed_7c"]
+    assert inc["info"]["input_size"] == 299 and inc["trainable_params"][-1] == 21_806_058  # aux logits off
+    res = show("torchvision:resnet50")
+    assert [s["name"] for s in res["stages"]] == ["stem", "layer1", "layer2", "layer3", "layer4"]

@@ -181,3 +181,29 @@ def test_preflight_hub_weights_offline_fail_fast(tiny_shards, tmp_path, monkeypa
                                                                            "model.weights": "default"}))
     with pytest.raises(TrainingError, match=r"must be downloaded .* offline mode is set"):
         preflight(cfg, {"nodes": 1, "CPU": 2})
+
+
+@pytest.mark.timeout(300)
+def test_the_seed_vgg16_recipe_runs_offline_in_two_phases(ray_cluster, tiny_shards, tmp_path):
+    """configs/seed_vgg16.yaml as a user runs it offline (model.weights=none), shortened to 1 + 1 epochs: head
+    only, then block5 too; the phases show in the history and on W&B's step axis."""
+    from distrain.tracking import offline_runs
+    from tests.helpers import ROOT
+    from tests.wandb_offline import read_offline_run
+
+    cfg = load_config(str(ROOT / "configs" / "seed_vgg16.yaml"), {
+        "data.shards": str(tiny_shards), "data.image_size": 32, "data.batch_size": 8, "data.loader_workers": 0,
+        "model.weights": "none", "scaling.storage_path": str(tmp_path), "wandb.mode": "offline",
+        "train.epochs": 2, "train.log_every": 100,
+        "train.phases": [{"epochs": 1, "model.unfreeze_depth": 0, "optim.lr": 1e-3},
+                         {"epochs": 1, "model.unfreeze_depth": 1, "optim.lr": 1e-4}]})
+    assert cfg.data.affine.rotation == 40 and cfg.model.vgg_top == "drop" and cfg.model.head_pool == "flatten"
+    summary = fit(cfg)
+    h = summary["history"]
+    assert [e["phase"] for e in h] == [1, 2]
+    head = 512 * 256 + 256 + 256 * 3 + 3  # Flatten of block5's 1x1x512 map at 32 px → 256 → 3 classes
+    assert h[0]["trainable_params"] == head and h[1]["trainable_params"] == head + 7_079_424
+    assert summary["replicas_in_sync"] is True
+    wb = read_offline_run(offline_runs(Path(summary["run_dir"]) / "wandb")[0], wait_s=20)
+    marks = [r for r in wb.history if "phase/index" in r]
+    assert [(m["phase/index"], m["phase/unfreeze_depth"]) for m in marks] == [(1, 0), (2, 1)]

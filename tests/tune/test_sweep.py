@@ -24,7 +24,7 @@ from tests.helpers import fast_train_overrides
 ROOT = Path(__file__).resolve().parents[2]
 # Actor classes a sweep creates: none may outlive it.
 TRIAL_ACTORS = {"ResourceTrainable", "DistrainTrial", "ImplicitFunc"}  # Tune's trial actor, by whichever name
-SWEEP_ACTORS = TRIAL_ACTORS | {"TrainController", "RayTrainWorker", "PlacementGroupCleaner", "_QueueActor",
+SWEEP_ACTORS = TRIAL_ACTORS | {"TrainController", "RayTrainWorker", "PlacementGroupCleaner", "_RunControl",
                                "SynchronizationActor"}
 
 
@@ -237,9 +237,11 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster
     from distrain.tune.trial import attempts
 
     groups_before = live_placement_groups()
+    # The searched key is a phase-2 key of a head-first, then-deeper recipe (issue 18): the sweep covers both.
     overrides = sweep_overrides(tiny_shards, tmp_path, "resume", **{
-        "tune.space.optim.lr": "grid([0.003, 0.002])", "tune.scheduler": "fifo", "scaling.num_workers": 1,
-        "tune.max_concurrent_trials": 1, "train.epochs": 1})
+        "tune.space.train.phases.1.optim.lr": "grid([0.003, 0.002])", "tune.scheduler": "fifo",
+        "scaling.num_workers": 1, "tune.max_concurrent_trials": 1, "train.epochs": 2,
+        "train.phases": "[{epochs: 1, model.unfreeze_depth: 0}, {epochs: 1, model.unfreeze_depth: 2}]"})
     command = [sys.executable, "-m", "distrain", "tune"] + [a for k, v in overrides.items()
                                                            for a in ("--set", f"{k}={v}")]
     # The subprocesses join this session's cluster, as `distrain tune` joins a user's cluster.
@@ -285,6 +287,13 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster
     other = next(name for name in trials if name != done_name)
     assert trials[other]["status"] == "completed" and attempts(str(sweep_dir), other) >= 1
     assert (sweep_dir / "runs" / other / "summary.json").exists()
+    # each trial ran both phases, phase 2 at its own searched learning rate
+    lrs = set()
+    for name in trials:
+        run_summary = json.loads((sweep_dir / "runs" / name / "summary.json").read_text())
+        assert [h["phase"] for h in run_summary["history"]] == [1, 2]
+        lrs.add(load_config(str(sweep_dir / "runs" / name / "config.yaml")).train.phases[1]["optim.lr"])
+    assert lrs == {0.003, 0.002}
     assert live_placement_groups() <= groups_before  # the killed run's groups went with its job
 
     # A changed config is refused rather than mixed into the sweep.
