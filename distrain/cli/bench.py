@@ -4,6 +4,7 @@
     distrain bench data [--shards DIR]                 train pipeline vs torchvision ImageFolder + DataLoader
     distrain bench train [--shards DIR]                Ray Train DDP vs plain torchrun DDP; time to first step
     distrain bench gpu --out gpu.json                  the GPU acceptance run (no Ray; README "Checking a GPU machine")
+    distrain bench staged                              two-phase vs one-phase vs full fine-tuning, equal budget
     distrain bench accuracy                            Fashion-MNIST: pretrained vs random init; probe vs fine-tune
     distrain bench all --out BENCHMARKS.md             all of the above, written up as Markdown
 Each benchmark's options: `distrain bench NAME --help`.
@@ -13,7 +14,7 @@ import importlib
 
 MODULES = {"shards": "distrain.shards.bench", "data": "distrain.data.bench", "train": "distrain.train.bench",
            "gpu": "distrain.train.bench_gpu",
-           "accuracy": "distrain.benchmarks", "all": "distrain.benchmarks"}
+           "accuracy": "distrain.benchmarks", "staged": "distrain.benchmarks", "all": "distrain.benchmarks"}
 
 
 def add_arguments(parser):
@@ -24,6 +25,6 @@ def add_arguments(parser):
 def run(args) -> int:
     module = importlib.import_module(MODULES[args.which])
     argv = list(args.rest)
-    if args.which in ("accuracy", "all"):
+    if args.which in ("accuracy", "staged", "all"):
         argv = [args.which, *argv]
     return int(module.main(argv) or 0)
