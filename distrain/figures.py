@@ -79,3 +79,81 @@ def _png(fig, plt) -> bytes:
     return buf.getvalue()
 
 
+def curves_png(history: list[dict], title: str = "") -> bytes:
+    """Learning curves of a run, per epoch: train and val loss, val top-1 (and top-5), learning rate; phase
+    boundaries (the `phase` of each epoch) as dashed lines."""
+    plt = _figure()
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    loss, acc, lr = axes
+    loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    loss.plot(epochs, [h["val_loss"] for h in history], "s-", label="validation")
+    loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
+    loss.legend()
+    acc.plot(epochs, [100 * h["val_top1"] for h in history], "o-", label="top-1")
+    if all("val_top5" in h for h in history):
+        acc.plot(epochs, [100 * h["val_top5"] for h in history], "s--", label="top-5", alpha=0.7)
+    best = max(history, key=lambda h: h["val_top1"])
+    acc.annotate(f"best {100 * best['val_top1']:.2f} %", (best["epoch"], 100 * best["val_top1"]),
+                 textcoords="offset points", xytext=(0, -16), ha="center", fontsize=9)
+    acc.set(xlabel="epoch", ylabel="validation accuracy (%)", title="validation accuracy")
+    acc.legend()
+    lr.plot(epochs, [h["lr"] for h in history], "o-")
+    lr.set(xlabel="epoch", ylabel="learning rate (end of epoch)", title="learning rate")
+    lr.set_yscale("log")
+    phases = [h.get("phase", 1) for h in history]
+    for i in range(1, len(history)):
+        if phases[i] != phases[i - 1]:
+            for ax in axes:
+                ax.axvline(epochs[i] - 0.5, color="gray", linestyle="--", linewidth=1)
+            acc.text(epochs[i] - 0.45, acc.get_ylim()[0], f" phase {phases[i]}", fontsize=8, color="gray",
+                     va="bottom")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _png(fig, plt)
+
+
+def sweep_png(trials: list[dict], params: list[str], epochs: int, title: str = "") -> bytes:
+    """A sweep: val top-1 per epoch of every trial (trials stopped early end where they stopped, marked x), and the
+    best val top-1 of each trial against each searched parameter. trials: {name, history, params, status}."""
+    plt = _figure()
+    cols = 1 + len(params)
+    fig, axes = plt.subplots(1, cols, figsize=(5.2 * cols, 4.2), squeeze=False)
+    ax = axes[0][0]
+    for t in trials:
+        hist = t.get("history") or []
+        if not hist:
+            continue
+        xs, ys = [h["epoch"] for h in hist], [100 * h["val_top1"] for h in hist]
+        (line,) = ax.plot(xs, ys, "o-", linewidth=1.2, markersize=3, label=t["name"][-8:])
+        if len(hist) < epochs:
+            ax.plot(xs[-1], ys[-1], "x", color=line.get_color(), markersize=9)
+    ax.set(xlabel="epoch", ylabel="validation top-1 (%)", title="trials (x: stopped early)", xlim=(0.5, epochs + 0.5))
+    ax.set_xticks(range(1, epochs + 1))
+    ax.grid(alpha=0.3)
+    if len(trials) <= 12:
+        ax.legend(fontsize=7)
+    for i, key in enumerate(params, start=1):
+        ax = axes[0][i]
+        pts = [(t["params"].get(key), 100 * max(h["val_top1"] for h in t["history"])) for t in trials
+               if t.get("history") and t["params"].get(key) is not None]
+        numeric = pts and all(isinstance(v, (int, float)) for v, _ in pts)
+        if numeric:
+            ax.scatter([v for v, _ in pts], [b for _, b in pts])
+            positive = all(v > 0 for v, _ in pts)
+            if positive and max(v for v, _ in pts) / min(v for v, _ in pts) > 20:
+                ax.set_xscale("log")
+        else:
+            labels = sorted({str(v) for v, _ in pts})
+            ax.scatter([labels.index(str(v)) for v, _ in pts], [b for _, b in pts])
+            ax.set_xticks(range(len(labels)), labels)
+        ax.set(xlabel=key, ylabel="best validation top-1 (%)", title=f"best top-1 vs {key}")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _png(fig, plt)

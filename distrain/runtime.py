@@ -40,6 +40,27 @@ BOOTSTRAP_CONFIG = ("# Written by distrain: a local cluster, so Ray skips its cl
                     "provider:\n  type: local\n")
 
 
+_QUIET: bool | None = None  # the console choice of a command (None: a library caller, Ray's defaults apply)
+
+
+def set_console(verbose: bool) -> None:
+    """A command's console: quiet (distrain's lines only; Ray's worker output stays in Ray's logs and the run folder's
+    ray.log) unless `verbose` (-v: Ray's stream on the console too). Call before connect()."""
+    import logging
+
+    global _QUIET
+    _QUIET = not verbose
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's tables off with verbose=0 (see tune/sweep.py)
+    if _QUIET:
+        for name in ("ray", "ray.train", "ray.tune", "ray.data"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def quiet_console() -> bool:
+    """Whether a command asked for the quiet console (set_console(verbose=False))."""
+    return bool(_QUIET)
+
+
 def quiet_ray_env() -> dict[str, str]:
     """Set QUIET_RAY_ENV in os.environ (without overriding the user's values); returns what is in effect."""
     for key, value in QUIET_RAY_ENV.items():
@@ -59,10 +80,13 @@ def isolated_home(path: str | Path) -> Path:
 
 
 def connect(num_cpus: int | None = None, num_gpus: int | None = None, object_store_gb: float = 2.0,
-            log_to_driver: bool = True):
+            log_to_driver: bool | None = None):
     """Connect to the cluster in RAY_ADDRESS, or one `ray start`ed on this machine, or start a local one (always a
-    new one when num_cpus/num_gpus are given); returns ray, initialised."""
+    new one when num_cpus/num_gpus are given); returns ray, initialised. log_to_driver: Ray's worker output on this
+    process's console (default: yes, unless a command chose the quiet console)."""
     quiet_ray_env()
+    if log_to_driver is None:
+        log_to_driver = not quiet_console()
     import ray
 
     if ray.is_initialized():

@@ -29,6 +29,7 @@ COMMANDS = {
     "submit": ("submit", "check and submit a distrain command as a Ray job"),
     "bench": ("bench", "benchmarks: shards, data pipeline, training"),
     "config": ("config", "print the resolved config or the config reference"),
+    "runs": ("runs", "list the runs and sweeps in a storage folder, or show one"),
     "demo": ("demo", "the embedded default end to end: Fashion-MNIST sweep, train, evaluate, export"),
 }
 

@@ -15,6 +15,9 @@ def add_arguments(parser):
 
 def run(args) -> int:
     cfg = config_from_args(args)
+    from distrain import runtime
+
+    runtime.set_console(verbose=args.verbose)
     from distrain.train import TrainingError, fit
     from distrain.train.run import format_summary
 

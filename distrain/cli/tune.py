@@ -18,6 +18,9 @@ def add_arguments(parser):
 
 def run(args) -> int:
     cfg = config_from_args(args)
+    from distrain import runtime
+
+    runtime.set_console(verbose=args.verbose)
     import ray
 
     from distrain.tune import SweepError, SweepInterrupted, run_sweep

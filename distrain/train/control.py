@@ -18,6 +18,7 @@ stop within its grace period, and the second Ctrl-C.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -26,6 +27,7 @@ from distrain.console import warn
 
 POLL_S = 0.2        # how often a rank asks whether to stop (a call of a few ms)
 CALL_TIMEOUT_S = 10  # bound of every call to the control actor
+KEEP_EVENTS = 10_000  # console events a control actor holds for its driver
 
 
 class _RunControl:
@@ -35,6 +37,25 @@ class _RunControl:
         self.reason: str | None = None
         self.at: float | None = None
         self._controller = None
+        self._events: list[dict] = []  # the last KEEP_EVENTS of them
+        self._posted = 0               # events ever posted: their sequence numbers are 0.._posted-1
+
+    def post(self, event: dict) -> None:
+        self._events.append(event)
+        self._posted += 1
+        del self._events[:-KEEP_EVENTS]  # a driver that stopped reading must not grow this without bound
+
+    def events(self, since: int) -> tuple[int, list[dict]]:
+        """(the sequence number to ask from next time, the events from `since` on that are still kept)."""
+        first = self._posted - len(self._events)
+        return self._posted, self._events[max(0, since - first):]
+
+    def register(self, role: str, actor_id: str, pid: int) -> None:
+        """A process of the run (its Train controller, a worker), for run_dir/ray.log (train/run.py)."""
+        self._processes = [*getattr(self, "_processes", []), (role, actor_id, pid)]
+
+    def processes(self) -> list:
+        return list(getattr(self, "_processes", []))
 
     def set_controller(self, handle) -> None:
         self._controller = [handle]  # wrapped: a handle returned bare would be resolved, not passed back
@@ -55,7 +76,8 @@ def create_control(name: str | None = None):
     makes it reachable from elsewhere in the job (a sweep's scheduler stopping a trial: stop_named)."""
     import ray
 
-    cls = ray.remote(num_cpus=0, max_concurrency=4)(_RunControl)
+    # One call at a time: a worker's console events then arrive in the order it posted them.
+    cls = ray.remote(num_cpus=0)(_RunControl)
     if name:
         try:
             return cls.options(name=name).remote()
@@ -150,8 +172,9 @@ def controller_handle_callback():
             import ray
 
             try:
-                ray.get(self._control.set_controller.remote(ray.get_runtime_context().current_actor),
-                        timeout=CALL_TIMEOUT_S)
+                ctx = ray.get_runtime_context()
+                self._control.register.remote("TrainController", ctx.get_actor_id(), os.getpid())
+                ray.get(self._control.set_controller.remote(ctx.current_actor), timeout=CALL_TIMEOUT_S)
             except Exception as e:
                 warn(f"driver not told about its Train controller ({type(e).__name__}: {e})")
 
@@ -193,3 +216,95 @@ class RunHandle:
         except Exception:
             pass
         return True
+
+
+def worker_sink(control, rank: int):
+    """console.set_sink for a Train worker: its lines become events of the run's control actor (fire-and-forget;
+    the driver prints them, train/run.py). Ranks other than 0 are named in their lines."""
+    prefix = "" if rank == 0 else f"rank {rank}: "
+
+    def sink(text: str, warning: bool | None) -> None:
+        if warning:
+            text = "warning: " + prefix + text.removeprefix("warning: ")
+        else:
+            text = prefix + text
+        control.post.remote({"line": text, "warning": bool(warning), "progress": warning is None})
+
+    return sink
+
+
+class EventPrinter:
+    """The driver's side of worker_sink: a thread printing the run's console events as they arrive."""
+
+    def __init__(self, control, period_s: float = 0.3, curves: str | None = None):
+        import sys
+
+        self.control, self.period_s, self.seen, self.curves = control, period_s, 0, curves
+        self.tty = sys.stdout.isatty()
+        self._open_progress = False  # a progress line is on screen without its newline (TTY)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="distrain-console", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        import sys
+
+        import ray
+
+        from distrain.console import PREFIX
+
+        try:
+            self.seen, events = ray.get(self.control.events.remote(self.seen), timeout=CALL_TIMEOUT_S)
+        except Exception:  # the control actor is gone with its run
+            return
+        history = next((e["history"] for e in reversed(events) if "history" in e), None)
+        if history and self.curves:
+            self._draw(history)
+        for e in events:
+            if "line" not in e:
+                continue
+            stream = sys.stderr if e.get("warning") else sys.stdout
+            try:
+                if self.tty and e.get("progress"):  # rewrite the line in place
+                    sys.stdout.write("\r\033[K" + PREFIX + e["line"])
+                    sys.stdout.flush()
+                    self._open_progress = True
+                    continue
+                if self._open_progress:
+                    sys.stdout.write("\r\033[K")
+                    self._open_progress = False
+                stream.write(PREFIX + e["line"] + "\n")
+                stream.flush()
+            except (BrokenPipeError, ValueError):
+                pass
+
+    def _draw(self, history: list[dict]) -> None:
+        """curves.png in the run folder, redrawn at every epoch (here, off the workers' path)."""
+        from distrain import storage
+        from distrain.figures import curves_png
+
+        try:
+            storage.write_bytes(self.curves, curves_png(history, title=self.curves.rsplit("/", 2)[-2]))
+        except Exception as e:  # a picture must never cost the run
+            from distrain.console import warn
+
+            warn(f"could not draw {self.curves} ({type(e).__name__}: {e})")
+            self.curves = None
+
+    def _run(self) -> None:
+        while not self._done.wait(self.period_s):
+            self._drain()
+
+    def close(self) -> None:
+        """Print what is left, then stop."""
+        import time
+
+        self._done.set()
+        self._thread.join(timeout=CALL_TIMEOUT_S)
+        self._drain()
+        time.sleep(self.period_s)  # posts a worker sent just before it returned may still be on their way
+        self._drain()
+        if self._open_progress:
+            import sys
+
+            sys.stdout.write("\n")

@@ -15,12 +15,13 @@ history of epoch metrics, so resuming needs nothing but the checkpoint and the s
 
 from __future__ import annotations
 
+import os
 import tempfile
 from typing import Any
 
 import torch
 
-from distrain import storage
+from distrain import console, storage
 from distrain.console import say, warn
 from distrain.train import checkpoint
 from distrain.train.core import all_gather, all_sum, compute_threads, param_digest, setup
@@ -60,9 +61,12 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     w = setup(cfg, manifest, rank=rank, world=world, device=device, checkpoint=resumed)
     poller = None
     if loop_config.get("control") is not None:
-        from distrain.train.control import StopPoller
+        from distrain.train.control import StopPoller, worker_sink
 
         poller = w.stop_requested = StopPoller(loop_config["control"])
+        loop_config["control"].register.remote(f"RayTrainWorker rank {rank}",
+                                               ray.get_runtime_context().get_actor_id(), os.getpid())
+        console.set_sink(worker_sink(loop_config["control"], rank))  # lines go to the driver, which prints them
     bad_limit = max_bad_shards(cfg, manifest)
     if rank == 0 and resumed is not None:
         say(f"resuming at epoch {w.start_epoch + 1} from {resumed.path}")
@@ -86,8 +90,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 tracker.log_step(step, {"train/loss": loss, "train/lr": lr, "train/images_per_s": ips,
                                         "epoch": epoch + i / micro_batches})
                 if rank == 0:
-                    say(f"epoch {epoch + 1}/{cfg.train.epochs} step {i + 1}/{micro_batches} "
-                        f"loss {loss:.4f} lr {lr:.2e} {ips:,.0f} img/s")
+                    console.progress(f"epoch {epoch + 1}/{cfg.train.epochs} step {i + 1}/{micro_batches} "
+                                     f"loss {loss:.4f} lr {lr:.2e} {ips:,.0f} img/s")
 
             run = w.stepper.run_epoch(w.train_loader, epoch, world, log_every=cfg.train.log_every, on_log=on_log)
             first_step_at = first_step_at or run["first_step_at"]
@@ -119,6 +123,9 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 "first_step_at": first_step_at,
             }
             history.append(dict(metrics))
+            if loop_config.get("control") is not None and rank == 0:  # the driver draws curves.png from it
+                loop_config["control"].post.remote({"history": [
+                    {k: v for k, v in h.items() if k != "val_per_class_acc"} for h in history]})
             if skipped and rank == 0:
                 warn(f"epoch {epoch + 1}: {len(skipped)} shard(s) skipped (unreadable; their samples refilled from "
                      f"the others" + (f", {val_unreadable} validation samples not read" if val_unreadable else "")
@@ -147,6 +154,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     except BaseException:
         tracker.finish({"status": "failed"})
         raise
+    finally:
+        console.set_sink(None)
     return status
 
 

@@ -124,16 +124,59 @@ def _run_trainer(cfg: Config, facts: dict[str, Any], callbacks: list | None, han
             callbacks=[*(callbacks or []), *handle.callbacks] or None,
             worker_runtime_env={"env_vars": worker_env()}),
     )
+    from distrain.train.control import EventPrinter
+
+    # the workers' lines, printed here (console.set_sink in each worker), and curves.png drawn at every epoch
+    printer = EventPrinter(handle.control, curves=storage.join(run_dir, "curves.png"))
+    log = None
     try:
         if threading.current_thread() is threading.main_thread():
             return _fit_interruptible(trainer, handle)
         return trainer.fit()
     except ray.train.TrainingFailedError as e:
+        log = save_ray_log(run_dir, handle.control)
+        where = f"; Ray's output of the run: {log}" if log else ""
         if handle.stopping == "aborted":
             raise TrainingError(f"training run {name} aborted (run folder {run_dir}; rerun the same command to "
-                                f"resume from its last checkpoint)") from None
+                                f"resume from its last checkpoint{where})") from None
         raise TrainingError(f"training run {name} failed (run folder {run_dir}; rerun the same command to resume "
-                            f"from its last checkpoint):\n{redact_text(str(e))}") from None
+                            f"from its last checkpoint{where}):\n{redact_text(str(e))}") from None
+    finally:
+        printer.close()
+        if log is None:
+            save_ray_log(run_dir, handle.control, only_if_quiet=True)
+
+
+def save_ray_log(run_dir: str, control, only_if_quiet: bool = False) -> str | None:
+    """Ray's own output of this run (its Train controller and workers: stdout and stderr), into run_dir/ray.log;
+    with the quiet console that is where it goes instead of the terminal. Returns the file, or None."""
+    from distrain import runtime
+
+    if only_if_quiet and not runtime.quiet_console():
+        return None
+    try:
+        import ray
+        from ray.util.state import get_log
+
+        from distrain.train.control import CALL_TIMEOUT_S
+
+        # the address named: with several Ray instances on one machine, the state API cannot guess which
+        address = ray.get_runtime_context().gcs_address
+        parts = []
+        for role, actor_id, pid in ray.get(control.processes.remote(), timeout=CALL_TIMEOUT_S):
+            for suffix in ("out", "err"):
+                try:
+                    text = "".join(get_log(address=address, actor_id=actor_id, suffix=suffix, tail=5000,
+                                           timeout=15))
+                except Exception as e:  # its node is gone: say so in the file
+                    text = f"(not available: {type(e).__name__}: {e})\n"
+                if text.strip():
+                    parts.append(f"===== {role}, pid {pid}, std{suffix} =====\n{text}")
+        url = storage.join(run_dir, "ray.log")
+        storage.write_text(url, redact_text("\n".join(parts)))
+        return url
+    except Exception:  # the log is a convenience: never a reason for a run to fail
+        return None
 
 
 def _fit_interruptible(trainer, handle):

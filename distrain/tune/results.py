@@ -223,5 +223,14 @@ def write_outputs(trials: list[TrialRecord], cfg: Config, keys: list[str], sweep
         summary.update({"best_val_top1": best.best_val_top1, "best_config": best_yaml, "best_model": model_dir,
                         "best_trial": best.name, "best_params": best.params, "best_metric": best_epoch[metric],
                         "best_epoch": best_epoch["epoch"], "best_run_dir": best.run_dir})
+    try:
+        from distrain.figures import sweep_png
+
+        storage.write_bytes(f"{sweep_dir}/sweep.png", sweep_png(
+            [{"name": t.name, "history": t.history, "params": t.params, "status": t.status(scheduler)}
+             for t in trials], keys, cfg.train.epochs, title=f"sweep {cfg.tune.name}"))
+        summary["sweep_png"] = f"{sweep_dir}/sweep.png"
+    except Exception as e:  # a picture must never cost the sweep's results
+        warn(f"sweep.png not drawn ({type(e).__name__}: {e})")
     storage.write_json(f"{sweep_dir}/summary.json", {**summary, "trials": table})
     return summary

@@ -266,6 +266,7 @@ def _run(cfg: Config, space: dict[str, Dist], total: int, sweep_dir: str, lock, 
     from ray import tune
 
     from distrain import runtime
+    from distrain.tune.progress import TrialLines
 
     if not ray.is_initialized():
         runtime.connect()
@@ -309,7 +310,10 @@ def _run(cfg: Config, space: dict[str, Dist], total: int, sweep_dir: str, lock, 
                 reuse_actors=False,
                 trial_name_creator=trial_name, trial_dirname_creator=trial_name),
             run_config=tune.RunConfig(
-                name=cfg.tune.name, storage_path=storage.absolute(cfg.scaling.storage_path), verbose=1,
+                name=cfg.tune.name, storage_path=storage.absolute(cfg.scaling.storage_path),
+                # distrain's one line per trial event instead of Tune's boxed tables (-v brings those back)
+                verbose=0 if runtime.quiet_console() else 1,
+                callbacks=[TrialLines(cfg.train.epochs, cfg.tune.scheduler, cfg.tune.metric)],
                 # A failed trial is a result (bad hyperparameters), not something to retry; worker faults inside a
                 # trial are Ray Train's to handle (train.max_failures).
                 failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),

@@ -560,3 +560,30 @@ def test_a_sweep_writes_one_trial_run_each_in_one_group(ray_cluster, tiny_shards
     assert sorted(row["trial"] for row in table) == sorted(by_name)
     assert summary_run.summary["num_trials"] == 2
     assert summary_run.summary["best/trial"] == sweep.summary["best_trial"]
+
+
+def test_wandbs_environment_variables_decide_where_the_config_leaves_defaults(tmp_path, monkeypatch):
+    """As for a plain wandb.init: WANDB_DIR, WANDB_PROJECT, WANDB_ENTITY, WANDB_RUN_GROUP, WANDB_TAGS apply when the
+    config leaves them empty; an explicit config value wins; the sync hint names wherever the run went."""
+    from tests.wandb_offline import read_offline_run
+
+    scratch = tmp_path / "scratch"
+    env = {"WANDB_DIR": str(scratch), "WANDB_PROJECT": "envproj", "WANDB_RUN_GROUP": "envgroup",
+           "WANDB_TAGS": "a,b", "WANDB_ENTITY": "envteam"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    run_dir = str(tmp_path / "runs" / "envrun")
+    t = _start(_cfg(tmp_path, **{"train.tags": []}), "envrun", run_dir=run_dir)  # tags left empty: WANDB_TAGS
+    t.finish({"status": "ok"})
+    (found,) = tracking.offline_runs(scratch / "wandb")
+    assert not (tmp_path / "runs" / "envrun" / "wandb").exists()  # not under the run folder
+    run = read_offline_run(found, wait_s=10).run
+    assert (run["project"], run["group"], sorted(run["tags"])) == ("envproj", "envgroup", ["a", "b"])
+    assert tracking.sync_hint(_cfg(tmp_path), run_dir) and str(scratch) in tracking.sync_hint(_cfg(tmp_path), run_dir)
+    # explicit config values win over the environment
+    cfg = _cfg(tmp_path, **{"wandb.project": "cfgproj", "wandb.dir": str(tmp_path / "cfgdir")})
+    t = _start(cfg, "cfgrun", run_dir=str(tmp_path / "runs" / "cfgrun"), group="cfggroup")
+    t.finish({"status": "ok"})
+    (found,) = tracking.offline_runs(tmp_path / "cfgdir" / "wandb")
+    run = read_offline_run(found, wait_s=10).run
+    assert (run["project"], run["group"]) == ("cfgproj", "cfggroup")

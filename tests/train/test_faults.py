@@ -22,9 +22,11 @@ from tests.helpers import fast_train_overrides
 
 
 def _worker_pids() -> list[int]:
+    import ray
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True,
+    # the address named: with several Ray instances on the machine the state API cannot tell which is meant
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True,
                          raise_on_missing_output=False)
     return sorted(int(a.pid) for a in actors if a.pid)
 

@@ -152,6 +152,7 @@ def test_sweep_stops_early_records_failure_and_picks_best(asha_sweep):
     assert [r["trial"] for r in csv_rows] == [r["trial"] for r in sweep.table]
     assert {r["status"].split(":")[0] for r in csv_rows} >= {"completed", "stopped early by ASHA", "failed"}
     assert json.loads((sweep_dir / "summary.json").read_text())["best_trial"] == s["best_trial"]
+    assert (sweep_dir / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     # Every trial ran once, as a Ray Train run in the sweep folder (W&B and Train run name = trial name).
     from distrain.tune.trial import attempts
 
@@ -271,6 +272,10 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster
 
     second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    # the console: distrain's lines (one per trial event) and the final table, not Tune's boxed tables
+    lines = [ln for ln in (second.stdout + second.stderr).splitlines() if ln.strip()]
+    assert len(lines) <= 80 and not [ln for ln in lines if "╭" in ln or "(RayTrainWorker" in ln], "\n".join(lines)
+    assert any(" starts: train.phases.1.optim.lr=" in ln for ln in lines), "\n".join(lines)
     figures = json.loads(second.stdout.strip().splitlines()[-1])  # the last line is the JSON
     assert figures["resumed"] is True and figures["num_trials"] == 2 and figures["num_completed"] == 2, (
         second.stdout[-3000:] + second.stderr[-2000:])  # the trial table names the other trial's status
