@@ -26,8 +26,8 @@ def _worker_pids() -> list[int]:
     from ray.util.state import list_actors
 
     # the address named: with several Ray instances on the machine the state API cannot tell which is meant
-    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True,
-                         raise_on_missing_output=False)
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, detail=True, raise_on_missing_output=False,
+                         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     return sorted(int(a.pid) for a in actors if a.pid)
 
 
