@@ -51,6 +51,7 @@ def run(args) -> int:
         print(f"best model     {s['best_model']}")
     emit_json({k: s[k] for k in ("best_val_top1", "best_config", "trials_csv", "best_model", "num_trials",
                                  "best_trial", "best_params", "num_completed", "num_stopped", "num_failed",
+                                 "exploits",
                                  "sweep_dir", "resumed")})
     if not s["best_trial"]:
         print(f"distrain tune: error: no trial of {s['num_trials']} finished an epoch; see {s['trials_csv']}",

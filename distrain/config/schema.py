@@ -157,6 +157,9 @@ class TrainConfig:
     job_type: Literal["train", "trial"] = opt("train", "What this run is to W&B: a training run, or a trial of "
                                               "a sweep (set by `distrain tune`).")
     group: str = opt("", "W&B run group; empty = WANDB_RUN_GROUP, or none (a sweep sets it to tune.name).")
+    init_from: str = opt("", "Start from this checkpoint folder (weights, optimizer state, epoch and history) when "
+                         "the run folder has none of its own; the config's learning rates and weight decay apply "
+                         "from there on. PBT sets it when a trial takes over another's checkpoint.")
 
 
 @dataclass(frozen=True)
@@ -166,7 +169,9 @@ class ScalingConfig:
     num_workers: int = opt(2, "Ray Train workers (DDP ranks).", range=(1, None))
     use_gpu: bool | Literal["auto"] = opt("auto", "`auto` uses GPUs when the cluster has them (NCCL), else "
                                                   "CPUs (gloo); true/false forces it.")
-    cpus_per_worker: int = opt(0, "CPUs reserved per worker; 0 = data.loader_workers + 1.", range=(0, None))
+    cpus_per_worker: float = opt(0.0, "CPUs reserved per worker; 0 = data.loader_workers + 1. Fractions share a "
+                                 "core (0.5: two workers per core; a population of small trials on a small "
+                                 "machine, as PBT needs all of its trials at once).", range=(0.0, None))
     gpus_per_worker: float = opt(1.0, "GPUs per worker when GPUs are used.", range=(0.0, None))
     start_retries: int = opt(3, "Times a worker group that could not get its resources (60 s each) is retried; "
                              "autoscaling clusters need this while nodes come up. -1 = forever.", range=(-1, None))
@@ -183,15 +188,21 @@ class TuneConfig:
 
     name: str = opt("sweep", "Stable sweep name: running it again resumes the sweep. Same rule as train.name.")
     num_samples: int = opt(4, "Trials to sample.", range=(1, None))
-    scheduler: Literal["asha", "fifo"] = opt("asha", "Trial scheduler: `asha` stops weak trials at epoch rungs "
-                                             "(grace_period × reduction_factor^k, below train.epochs); `fifo` "
-                                             "runs every trial to the end.")
+    scheduler: Literal["asha", "fifo", "pbt", "pb2"] = opt(
+        "asha", "Trial scheduler: `asha` stops weak trials at epoch rungs (grace_period × reduction_factor^k, below "
+        "train.epochs); `fifo` runs every trial to the end; `pbt` (Population Based Training) lets the bottom "
+        "quantile take over the weights and optimizer state of the top quantile every perturbation_interval "
+        "epochs, with perturbed values of the space; `pb2` chooses the new values with a GP bandit (needs "
+        "scikit-learn and scipy).")
     search_alg: Literal["random", "optuna"] = opt("random", "Search algorithm: random sampling or Optuna TPE.")
     metric: str = opt("val_top1", "Metric the sweep optimizes (reported once per epoch).")
     mode: Literal["max", "min"] = opt("max", "Maximize or minimize the metric.")
     max_concurrent_trials: int = opt(0, "Trials run at once; 0 = as many as the cluster's CPUs/GPUs hold (a trial "
                                      "holds its workers' CPUs/GPUs; its driver reserves none).", range=(0, None))
     grace_period: int = opt(1, "ASHA: epochs every trial runs before it can be stopped.", range=(1, None))
+    perturbation_interval: int = opt(1, "PBT/PB2: epochs between exploit/explore steps.", range=(1, None))
+    quantile: float = opt(0.25, "PBT/PB2: the bottom fraction of trials that take over the top fraction's "
+                          "checkpoints.", range=(0.0, 0.5))
     reduction_factor: int = opt(2, "ASHA: keep the top 1/reduction_factor at each rung.", range=(2, None))
     space: dict = opt({}, "Search space: dotted config key → distribution, e.g. `optim.lr: loguniform(1e-5, "
                       "1e-2)`, `model.unfreeze_depth: choice([0, 1, 2, all])`, `data.aug_strength: "

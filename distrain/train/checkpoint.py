@@ -52,6 +52,7 @@ class Loaded:
     weights: dict[str, torch.Tensor]
     state: dict[str, Any]
     path: str = ""
+    init: bool = False  # another run's checkpoint (train.init_from), not this run's own
 
 
 def dir_name(epoch: int) -> str:

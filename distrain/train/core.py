@@ -49,9 +49,9 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def compute_threads(cfg, cpus_per_worker: int) -> int:
+def compute_threads(cfg, cpus_per_worker: float) -> int:
     """Threads for a worker's compute: its CPUs minus those its loader workers use (more only thrash)."""
-    return max(1, cpus_per_worker - cfg.data.loader_workers)
+    return max(1, int(cpus_per_worker) - cfg.data.loader_workers)
 
 
 def param_digest(model: torch.nn.Module, names: set[str] | None = None) -> str:
@@ -167,10 +167,18 @@ class Stepper:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, config_hparams: bool = False) -> None:
+        """Restore optimizer, schedule and scaler. config_hparams: keep this config's learning rates and weight
+        decay instead of the checkpoint's (a PBT trial that took over another's checkpoint with new values)."""
+        fresh = [(g["initial_lr"], g["weight_decay"]) for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        if config_hparams:
+            factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+            for g, (lr, wd) in zip(self.optimizer.param_groups, fresh):
+                g["initial_lr"], g["weight_decay"], g["lr"] = lr, wd, lr * factor
+            self.scheduler.base_lrs = [lr for lr, _ in fresh]
 
     def lr(self) -> float:
         return max(g["lr"] for g in self.optimizer.param_groups)  # the head's
@@ -314,6 +322,7 @@ class Worker:
     start_epoch: int = 0
     seed: int = 0
     decode: str = "cpu"  # data.decode resolved for the device
+    init_from_other: bool = False  # the checkpoint is train.init_from's (another run's): this config's hparams
     history: list = field(default_factory=list)
     checkpoint_meta: dict | None = None
     stop_requested: Any = None  # a callable polled after every step (Tune stopped the trial, Ctrl-C)
@@ -367,7 +376,7 @@ class Worker:
                                self.model.num_classes, self.prepare, phase.epochs, previous=previous)
         self.stepper.stop_requested = self.stop_requested
         if self._state is not None and (resumed_phase is None or resumed_phase == phase.index):
-            self.stepper.load_state_dict(self._state)
+            self.stepper.load_state_dict(self._state, config_hparams=self.init_from_other)
             self.stepper.global_step = int((self.checkpoint_meta or {}).get("global_step", 0))
             self._state = None
         self.phase = phase
@@ -427,4 +436,5 @@ def setup(cfg, manifest, *, rank: int = 0, world: int = 1, device: torch.device 
     val_loader = create_loader(manifest, **val_args)
     return Worker(cfg=cfg, rank=rank, world=world, device=device, manifest=manifest, model=model, ddp_model=None,
                   prepare=prepare, val_loader=val_loader, start_epoch=start_epoch, seed=seed, history=history,
-                  checkpoint_meta=meta, _state=state, decode=decode)
+                  checkpoint_meta=meta, _state=state, decode=decode,
+                  init_from_other=bool(checkpoint is not None and getattr(checkpoint, "init", False)))

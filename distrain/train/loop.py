@@ -27,16 +27,21 @@ from distrain.train import checkpoint
 from distrain.train.core import all_gather, all_sum, compute_threads, param_digest, setup
 
 
-def _resume_point():
-    """The checkpoint Ray hands this run (its latest, after a restart or a rerun), loaded; or None."""
+def _resume_point(cfg):
+    """The checkpoint Ray hands this run (its latest, after a restart or a rerun), loaded; else the one in
+    train.init_from (another run's: PBT's exploit), marked `init`; or None."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
-        return None
+        if not cfg.train.init_from:
+            return None
+        loaded = checkpoint.read(cfg.train.init_from)
+        loaded.path, loaded.init = cfg.train.init_from, True
+        return loaded
     with ckpt.as_directory() as d:
         loaded = checkpoint.read(d)
-    loaded.path = ckpt.path
+    loaded.path, loaded.init = ckpt.path, False
     return loaded
 
 
@@ -53,11 +58,11 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     cfg = from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    threads = compute_threads(cfg, int(loop_config.get("cpus_per_worker", 1)))
+    threads = compute_threads(cfg, float(loop_config.get("cpus_per_worker", 1)))
     torch.set_num_threads(threads)
     device = ray.train.torch.get_device()
     manifest = load_manifest(cfg.data.shards)
-    resumed = _resume_point()
+    resumed = _resume_point(cfg)
     w = setup(cfg, manifest, rank=rank, world=world, device=device, checkpoint=resumed)
     poller = None
     if loop_config.get("control") is not None:
@@ -69,7 +74,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         console.set_sink(worker_sink(loop_config["control"], rank))  # lines go to the driver, which prints them
     bad_limit = max_bad_shards(cfg, manifest)
     if rank == 0 and resumed is not None:
-        say(f"resuming at epoch {w.start_epoch + 1} from {resumed.path}")
+        say(f"{'starting from another run' if resumed.init else 'resuming'} at epoch {w.start_epoch + 1} from "
+            f"{resumed.path}")
     classes, history = w.classes, w.history
     run_dir = storage.run_folder(cfg)
     misclassified_cap = cfg.wandb.max_misclassified if cfg.wandb.mode != "disabled" else 0
@@ -123,9 +129,6 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 "first_step_at": first_step_at,
             }
             history.append(dict(metrics))
-            if loop_config.get("control") is not None and rank == 0:  # the driver draws curves.png from it
-                loop_config["control"].post.remote({"history": [
-                    {k: v for k, v in h.items() if k != "val_per_class_acc"} for h in history]})
             if skipped and rank == 0:
                 warn(f"epoch {epoch + 1}: {len(skipped)} shard(s) skipped (unreadable; their samples refilled from "
                      f"the others" + (f", {val_unreadable} validation samples not read" if val_unreadable else "")
@@ -142,6 +145,12 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                     f"({val['count']} val images, {metrics['images_per_s']:,.0f} img/s)")
             position = {**w.train_loader.position(), "epoch": epoch + 1, "seed": w.seed}
             _report(ray.train, metrics, rank, w, cfg, epoch + 1, history, position, val["confusion"])
+            if loop_config.get("control") is not None and rank == 0:
+                # after the checkpoint is stored: the driver draws curves.png from the history, a Tune trial
+                # reports the epoch (with this checkpoint under PBT)
+                loop_config["control"].post.remote({
+                    "history": [{k: v for k, v in h.items() if k != "val_per_class_acc"} for h in history],
+                    "checkpoint": storage.join(run_dir, checkpoint.dir_name(epoch + 1))})
         if poller is not None:
             poller.close()
         # All replicas must hold the same parameters after DDP: check it rather than assume it.

@@ -20,8 +20,8 @@ class PlacementError(ValueError):
     """Workers that cannot be placed on the cluster, with the numbers."""
 
 
-def cpus_per_worker(cfg) -> int:
-    return cfg.scaling.cpus_per_worker or cfg.data.loader_workers + 1
+def cpus_per_worker(cfg) -> float:
+    return float(cfg.scaling.cpus_per_worker or cfg.data.loader_workers + 1)
 
 
 def use_gpu(cfg, cluster: dict) -> bool:
@@ -59,7 +59,7 @@ def fits(cfg, nodes: list[dict], gpu: bool) -> tuple[int, int]:
 
 
 def describe_need(cfg, gpu: bool) -> str:
-    need = f"{cfg.scaling.num_workers} worker(s) × {cpus_per_worker(cfg)} CPU"
+    need = f"{cfg.scaling.num_workers} worker(s) × {cpus_per_worker(cfg):g} CPU"
     return need + (f" + {cfg.scaling.gpus_per_worker:g} GPU" if gpu else "")
 
 
@@ -69,7 +69,7 @@ def check_fits(cfg, cluster: dict, nodes: list[dict] | None = None) -> str | Non
     world, cpus = cfg.scaling.num_workers, cpus_per_worker(cfg)
     if nodes is None:  # only totals known (a local cluster): compare totals
         if world * cpus > cluster.get("CPU", 0) + 1e-9:
-            return (f"{world} workers × {cpus} CPUs = {world * cpus} CPUs, but this cluster has "
+            return (f"{world} workers × {cpus:g} CPUs = {world * cpus:g} CPUs, but this cluster has "
                     f"{cluster.get('CPU', 0):g}")
         if gpu and world * cfg.scaling.gpus_per_worker > cluster.get("GPU", 0) + 1e-9:
             return f"{world} workers × {cfg.scaling.gpus_per_worker:g} GPUs, but this cluster has " \

@@ -100,6 +100,14 @@ def check_local(cfg, run_dir: str, restart: bool = False) -> dict[str, Any]:
                 checkpoint.check_compatible(last, list(manifest.classes), spec, data_name=cfg.data.shards)
             except checkpoint.CheckpointError as e:
                 raise PreflightError(str(e)) from None
+    if cfg.train.init_from:
+        start = cfg.train.init_from
+        if not storage.exists(storage.join(start, checkpoint.META)):
+            raise PreflightError(f"train.init_from={start}: no distrain checkpoint there ({checkpoint.META} missing)")
+        try:
+            checkpoint.check_compatible(start, list(manifest.classes), spec, data_name=cfg.data.shards)
+        except checkpoint.CheckpointError as e:
+            raise PreflightError(f"train.init_from: {e}") from None
     try:
         storage.check_writable(run_dir)
     except storage.StorageError as e:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import math
 import os
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from distrain import storage
 from distrain.config import Config, to_yaml
 from distrain.console import warn
 from distrain.train import checkpoint
-from distrain.tune.trial import RUNS, stopped_by_tune
+from distrain.tune.trial import RUNS, lineage, stopped_by_tune
 
 
 @dataclass
@@ -41,6 +42,8 @@ class TrialRecord:
     checkpoints: list[tuple[str, dict]] = field(default_factory=list)  # (path, metrics) kept by Ray Train
     error: str | None = None
     stopped: bool = False  # Tune stopped it (the scheduler) while its Train run was going
+    exploits: list[dict] = field(default_factory=list)  # PBT: {epoch, donor, old, new} per checkpoint taken over
+    starts: list[dict] = field(default_factory=list)    # every start of the trial (tune/trial.py lineage)
 
     @property
     def epochs(self) -> int:
@@ -111,19 +114,42 @@ def plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") and not isinstance(value, (list, dict, str)) else value
 
 
+def run_folders(name: str, starts: list[dict]) -> list[str]:
+    """The Train run folders of a trial's starts, in order: its name, then `<name>-g<k>` for the k-th start that
+    began from a checkpoint (PBT: an exploit, or a resumed PBT sweep)."""
+    return [f"{name}-g{k}" if s.get("from") else name for k, s in enumerate(starts)] or [name]
+
+
+def exploits_of(name: str, starts: list[dict]) -> list[dict]:
+    """PBT's exploits of a trial: the starts from another trial's checkpoint, with the values before and after."""
+    out = []
+    for prev, s in itertools.pairwise(starts):
+        if s.get("from") and s.get("donor") and s["donor"] != name:
+            changed = {k: (prev["params"].get(k), v) for k, v in s["params"].items() if prev["params"].get(k) != v}
+            out.append({"epoch": s.get("start_epoch"), "donor": s["donor"], "changed": changed})
+    return out
+
+
 def collect_trials(result_grid, sweep_dir: str, cfg: Config) -> list[TrialRecord]:
     """One record per trial of a Tune ResultGrid, in the order the trials were created."""
     records = []
     for result in result_grid:
         name = os.path.basename(str(result.path).rstrip("/"))
         params = {k: plain(v) for k, v in (result.config or {}).items()}
-        run_dir = f"{sweep_dir}/{RUNS}/{name}"
-        history, checkpoints = read_run(run_dir)
+        starts = lineage(sweep_dir, name)
+        # the latest run folder that checkpointed holds the whole history (a PBT run carries its donor's epochs)
+        run_dir, history, checkpoints = f"{sweep_dir}/{RUNS}/{name}", [], []
+        for folder in reversed(run_folders(name, starts)):
+            h, c = read_run(f"{sweep_dir}/{RUNS}/{folder}")
+            if h:
+                run_dir, history, checkpoints = f"{sweep_dir}/{RUNS}/{folder}", h, c
+                break
         epochs = int(params.get("train.epochs", cfg.train.epochs))
         error = error_text(result.error)
         records.append(TrialRecord(name=name, params=params, run_dir=run_dir, epochs_planned=epochs,
                                    history=history, checkpoints=checkpoints, error=error,
-                                   stopped=error is None and stopped_by_tune(sweep_dir, name)))
+                                   stopped=error is None and stopped_by_tune(sweep_dir, name),
+                                   exploits=exploits_of(name, starts), starts=starts))
     return records
 
 
@@ -149,6 +175,10 @@ def rows(trials: list[TrialRecord], keys: list[str], scheduler: str) -> list[dic
                     "best_epoch": best["epoch"] if best else None,
                     "epochs": t.epochs,
                     "status": t.status(scheduler),
+                    **({"exploits": "; ".join(
+                        f"e{x['epoch']}: from {x['donor']} (" + ", ".join(f"{k} {_cell(a)}→{_cell(b)}"
+                                                                       for k, (a, b) in x["changed"].items()) + ")"
+                        for x in t.exploits)} if scheduler in ("pbt", "pb2") else {}),
                     "run_dir": t.run_dir})
         out.append(row)
     return out
@@ -184,10 +214,50 @@ def write_csv(table: list[dict[str, Any]], url: str) -> str:
     return storage.write_text(url, buf.getvalue())
 
 
-def best_config(cfg: Config, best: TrialRecord) -> Config:
-    """The base config with the best trial's values: a `distrain train` config, search space cleared."""
-    return cfg.replace({**best.params, "tune.space": {}, "train.name": f"{cfg.tune.name}_best",
-                        "train.job_type": "train", "train.group": ""})
+def best_config(cfg: Config, best: TrialRecord, trials: list[TrialRecord] | None = None) -> Config:
+    """The base config with the best trial's values: a `distrain train` config, search space cleared. For a PBT
+    winner whose values changed during training, a `train.phases` schedule that replays them (when every changed
+    key can be set per phase), so the result can be trained again."""
+    out = cfg.replace({**best.params, "tune.space": {}, "train.name": f"{cfg.tune.name}_best",
+                       "train.job_type": "train", "train.group": "", "train.init_from": "",
+                       "tune.scheduler": "fifo" if cfg.tune.scheduler in ("pbt", "pb2") else cfg.tune.scheduler})
+    if cfg.tune.scheduler not in ("pbt", "pb2") or trials is None:
+        return out
+    schedule = pbt_schedule(best.name, cfg.train.epochs, {t.name: t for t in trials})
+    keys = {k for _, values in schedule for k in values}
+    from distrain.config.parse import PHASE_KEYS
+
+    if len({tuple(sorted(v.items())) for _, v in schedule}) <= 1 or not keys <= set(PHASE_KEYS):
+        return out  # one set of values throughout (or one PBT cannot phase): the final values
+    return out.replace({"train.phases": [{"epochs": n, **values} for n, values in schedule]})
+
+
+def pbt_schedule(name: str, upto: int, trials: dict[str, TrialRecord]) -> list[tuple[int, dict]]:
+    """The searched values a PBT trial's weights were trained with, epoch by epoch up to `upto`, following its
+    exploits back through its donors: [(epochs, values), ...] with neighbours of equal values merged."""
+    def walk(n: str, end: int, limit: int | None = None, depth: int = 0) -> list[tuple[int, dict]]:
+        t = trials.get(n)
+        if t is None or end <= 0 or depth > 50:
+            return []
+        starts = (t.starts or [{"params": t.params}])[:limit]
+        # the last start that trained epochs before `end` (one at or after it contributed nothing)
+        k = max(i for i, s in enumerate(starts) if not s.get("from") or int(s.get("start_epoch") or 0) < end)
+        s = starts[k]
+        values = dict(s["params"])
+        if not s.get("from"):
+            return [(end, values)]
+        begin, donor = int(s.get("start_epoch") or 0), s.get("donor")
+        # epochs up to `begin` are the donor's (or, after a resume, this trial's own earlier starts)
+        prefix = walk(donor, begin, k if donor == n else None, depth + 1)
+        return [*prefix, (end - begin, values)]
+
+    merged: list[tuple[int, dict]] = []
+    for n, values in walk(name, upto):
+        if merged and merged[-1][1] == values:
+            merged[-1] = (merged[-1][0] + n, values)
+        else:
+            merged.append((n, values))
+    return merged
 
 
 def write_outputs(trials: list[TrialRecord], cfg: Config, keys: list[str], sweep_dir: str) -> dict[str, Any]:
@@ -203,13 +273,14 @@ def write_outputs(trials: list[TrialRecord], cfg: Config, keys: list[str], sweep
         "num_completed": sum(t.status(scheduler) == "completed" for t in trials),
         "num_stopped": sum(t.status(scheduler).startswith("stopped") for t in trials),
         "num_failed": sum(t.error is not None for t in trials),
+        "exploits": sum(len(t.exploits) for t in trials),
     }
     if best is not None:
         best_epoch = best.best(metric, mode)
         best_yaml = f"{sweep_dir}/best.yaml"
         header = (f"# Best trial {best.name} of sweep {cfg.tune.name}: {metric} {best_epoch[metric]:.4f} at epoch "
                   f"{best_epoch['epoch']}.\n# Train it: distrain train --config {best_yaml}\n")
-        storage.write_text(best_yaml, header + to_yaml(best_config(cfg, best)))
+        storage.write_text(best_yaml, header + to_yaml(best_config(cfg, best, trials)))
         model_dir = None
         ckpt = best.best_checkpoint(metric, mode)
         try:

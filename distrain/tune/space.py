@@ -83,6 +83,12 @@ class Dist:
             lo, hi = _tidy(lo, q), _tidy(hi, q)
         return [lo, hi]
 
+    def to_mutation(self):
+        """PBT's hyperparam_mutations entry: a distribution to perturb or resample (lists are resampled from)."""
+        if self.kind in ("choice", "grid"):
+            return list(self.values)
+        return self.to_tune()
+
     def to_tune(self):
         from ray import tune
 

@@ -7,8 +7,8 @@ Usage:
     sweep.summary["best_val_top1"], sweep.summary["best_config"], sweep.table
 
 How it fits together. A trial (distrain/tune/trial.py) applies its sampled values to the base config and calls
-`distrain.train.fit()`, whose TorchTrainer forwards rank 0's per-epoch report to Tune through `TuneReportCallback`
-(Ray Train V2). So one Tune iteration is one epoch, and the ASHA rungs are epochs (`time_attr` is the reported
+`distrain.train.fit()`, whose rank 0 posts each epoch to the trial, which reports it to Tune (tune/trial.py).
+So one Tune iteration is one epoch, and the ASHA rungs are epochs (`time_attr` is the reported
 `epoch`, which stays right when a resumed trial continues from its Train checkpoint).
 
 Resources. Tune only schedules the trial driver; the Train controller then asks for its own placement group of
@@ -47,6 +47,7 @@ from distrain.train import placement
 from distrain.train.preflight import PreflightError, check_cluster
 from distrain.train.run import absolute_paths
 from distrain.tune.results import best_trial, collect_trials, format_table, rows, write_outputs
+from distrain.tune.schedulers import NOT_MUTATED, make_scheduler
 from distrain.tune.space import Dist, num_grid_points, parse_space
 from distrain.tune.trial import trial_trainable
 
@@ -97,6 +98,26 @@ def check_plan(cfg: Config, space: dict[str, Dist]) -> None:
             raise SweepError(f"tune.grace_period={t.grace_period} is not below train.epochs={cfg.train.epochs}: "
                              f"ASHA could never stop a trial early; lower tune.grace_period, raise train.epochs, "
                              f"or use tune.scheduler=fifo")
+    if t.scheduler in ("pbt", "pb2"):
+        if "train.epochs" in space or any(k.startswith("train.phases.") for k in space):
+            raise SweepError("tune.space: PBT changes values during a trial; train.epochs and train.phases.* are "
+                             "fixed for it (search them with asha or fifo)")
+        if t.perturbation_interval >= cfg.train.epochs:
+            raise SweepError(f"tune.perturbation_interval={t.perturbation_interval} is not below train.epochs="
+                             f"{cfg.train.epochs}: PBT would never exploit; lower it or raise train.epochs")
+        if not [k for k in space if k not in NOT_MUTATED]:
+            raise SweepError("tune.space: PBT needs at least one key to perturb besides model.unfreeze_depth "
+                             "(which it never mutates: a trial takes its donor's depth with its checkpoint)")
+        if t.scheduler == "pb2":
+            import importlib.util
+
+            missing = [m for m in ("sklearn", "scipy") if importlib.util.find_spec(m) is None]
+            if missing:
+                raise SweepError(f"tune.scheduler=pb2 needs {' and '.join(missing)} (pip install scikit-learn "
+                                 f"scipy); or use tune.scheduler=pbt")
+            if not [d for k, d in space.items() if k not in NOT_MUTATED and d.kind != "choice" and d.kind != "grid"]:
+                raise SweepError("tune.scheduler=pb2 needs a continuous key in tune.space (loguniform, uniform, "
+                                 "quniform, randint)")
     if t.search_alg == "optuna" and any(d.kind == "grid" for d in space.values()):
         grids = ", ".join(k for k, d in space.items() if d.kind == "grid")
         raise SweepError(f"tune.search_alg=optuna cannot search grid() entries ({grids}): use choice([...]) "
@@ -132,38 +153,6 @@ def plan_concurrency(cfg: Config, cluster: dict, total_trials: int) -> int:
 
 def _needs(need: dict[str, float]) -> str:
     return " + ".join(f"{v:g} {k}s" for k, v in need.items() if v > 0)
-
-
-def make_scheduler(cfg: Config):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    if cfg.tune.scheduler == "fifo":
-        return FIFOScheduler()
-    # Rungs sit strictly below the last epoch (max_t just under train.epochs): a "stop" at the last epoch saves
-    # nothing and would kill a trial while it writes its model. stop_last_trials=False: trials end on their own.
-    return prompt_stops(ASHAScheduler, cfg.tune.name)(
-        time_attr="epoch", max_t=cfg.train.epochs - 0.5, grace_period=cfg.tune.grace_period,
-        reduction_factor=cfg.tune.reduction_factor, stop_last_trials=False)
-
-
-def prompt_stops(scheduler_cls, sweep: str):
-    """`scheduler_cls` that also tells a trial's run to stop the moment it decides so, straight to the run's stop
-    flag (train/control.py, read after every step). Tune's own stop goes through the trial actor (its cleanup()
-    asks the same flag, then waits); this path does not depend on that actor being free to take the call."""
-    from ray.tune.schedulers import TrialScheduler
-
-    from distrain.train.control import stop_named
-    from distrain.tune.trial import stop_name
-
-    class PromptStop(scheduler_cls):
-        def on_trial_result(self, tune_controller, trial, result):
-            decision = super().on_trial_result(tune_controller, trial, result)
-            if decision == TrialScheduler.STOP:
-                stop_named(stop_name(sweep, trial.trial_id), f"stopped by {scheduler_cls.__name__}")
-            return decision
-
-    PromptStop.__name__ = f"Prompt{scheduler_cls.__name__}"
-    return PromptStop
 
 
 def make_searcher(cfg: Config, total_trials: int, concurrency: int):
@@ -305,7 +294,7 @@ def _run(cfg: Config, space: dict[str, Dist], total: int, sweep_dir: str, lock, 
             trainable,
             param_space={key: d.to_tune() for key, d in space.items()},
             tune_config=tune.TuneConfig(
-                metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=make_scheduler(cfg),
+                metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=make_scheduler(cfg, space),
                 search_alg=make_searcher(cfg, total, concurrency), num_samples=cfg.tune.num_samples,
                 reuse_actors=False,
                 trial_name_creator=trial_name, trial_dirname_creator=trial_name),

@@ -55,10 +55,33 @@ def test_plans_that_cannot_work_are_refused():
                            ({"tune.space.train.epochs": "choice([2, 3])"}, "fifo"),
                            ({"tune.search_alg": "optuna", "tune.space.optim.name": "grid([adamw, sgd])"},
                             "cannot search grid"),
-                           ({"tune.metric": "val_acc"}, "not reported")]:
+                           ({"tune.metric": "val_acc"}, "not reported"),
+                           ({"tune.scheduler": "pbt", "tune.perturbation_interval": 3}, "PBT would never exploit"),
+                           ({"tune.scheduler": "pbt", "tune.space": {"model.unfreeze_depth": "choice([1, 2])"}},
+                            "besides model.unfreeze_depth"),
+                           ({"tune.scheduler": "pbt", "tune.space.train.epochs": "choice([2, 3])"}, "fixed for it")]:
         cfg = load_config(None, {**base, **extra})
         with pytest.raises(SweepError, match=message):
             check_plan(cfg, parse_space(cfg))
+
+
+def test_a_pbt_winner_is_replayed_as_phases_along_its_lineage():
+    """best.yaml of a PBT sweep: the winner trained epochs 1-2 as its donor (lr 0.003, itself from the start), then
+    epoch 3 with its own perturbed lr: two phases reproduce that."""
+    from distrain.tune.results import TrialRecord, best_config, pbt_schedule
+
+    a = TrialRecord("trial_a", {"optim.lr": 0.003}, "", 3, starts=[{"params": {"optim.lr": 0.003}}])
+    b = TrialRecord("trial_b", {"optim.lr": 0.0024}, "", 3, starts=[
+        {"params": {"optim.lr": 1e-7}},
+        {"params": {"optim.lr": 0.0024}, "from": "/s/trial_a/checkpoint_000001", "donor": "trial_a",
+         "start_epoch": 2}])
+    assert pbt_schedule("trial_b", 3, {"trial_a": a, "trial_b": b}) == [(2, {"optim.lr": 0.003}),
+                                                                        (1, {"optim.lr": 0.0024})]
+    cfg = load_config(None, {"tune.scheduler": "pbt", "train.epochs": 3, "tune.name": "p",
+                             "tune.space.optim.lr": "loguniform(1e-7, 1e-2)"})
+    best = best_config(cfg, b, [a, b])
+    assert best.train.phases == [{"epochs": 2, "optim.lr": 0.003}, {"epochs": 1, "optim.lr": 0.0024}]
+    assert best.tune.scheduler == "fifo" and best.tune.space == {} and best.train.epochs == 3
 
 
 def test_asha_rungs_are_epochs_below_the_last():
