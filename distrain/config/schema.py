@@ -201,6 +201,12 @@ class TuneConfig:
                                      "holds its workers' CPUs/GPUs; its driver reserves none).", range=(0, None))
     grace_period: int = opt(1, "ASHA: epochs every trial runs before it can be stopped.", range=(1, None))
     perturbation_interval: int = opt(1, "PBT/PB2: epochs between exploit/explore steps.", range=(1, None))
+    synch: bool = opt(False, "PBT/PB2: wait for the whole population at every perturbation_interval, then exploit "
+                      "(the paper's synchronous variant: every trial compared at the same epoch, each trial's Train "
+                      "run paused and restarted at each interval). False (Ray's default): each trial is compared "
+                      "the moment it reports, against the others' latest scores; no waiting, but in a small "
+                      "population the first trials to report at an interval have no checkpointed top trial to "
+                      "take over yet.")
     quantile: float = opt(0.25, "PBT/PB2: the bottom fraction of trials that take over the top fraction's "
                           "checkpoints.", range=(0.0, 0.5))
     reduction_factor: int = opt(2, "ASHA: keep the top 1/reduction_factor at each rung.", range=(2, None))

@@ -85,7 +85,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     try:
         for epoch in range(w.start_epoch, cfg.train.epochs):
             if w.begin_epoch(epoch) and rank == 0:
-                _say_phase(cfg, w, epoch)
+                _say_phase(cfg, w, first=epoch == w.start_epoch)
                 if cfg.train.phases:  # a mark on W&B's step axis where each phase (re)starts
                     tracker.log({"train/step": w.stepper.global_step, "phase/index": w.phase.index + 1,
                                  "phase/epoch": epoch + 1, "phase/unfreeze_depth": w.model.unfreeze_depth,
@@ -185,18 +185,18 @@ def skipped_shards(w) -> list[str]:
     return [f"{url}: {error}" for url, error in sorted(merged.items())]
 
 
-def _say_phase(cfg, w, epoch: int) -> None:
+def _say_phase(cfg, w, first: bool) -> None:
+    """The start block's line (workers, device, model, data) once, and a line at each phase (re)entered."""
     model = w.model
-    head = f"{len(w.manifest.classes)} classes"
+    if first:
+        say(f"{w.world} worker(s) on {w.device.type}; {model.info.name} at {model.spec.image_size}px "
+            f"({len(w.manifest.classes)} classes), unfreeze_depth={model.unfreeze_depth}/{len(model.stages)}, "
+            f"{model.num_trainable():,} trainable parameters; {len(w.train_loader)} batches/epoch/rank")
     if cfg.train.phases:
         p = w.phase
         say(f"phase {p.index + 1}/{len(cfg.train.phases)} (epochs {p.start + 1}-{p.stop}): unfreeze_depth "
             f"{model.unfreeze_depth}/{len(model.stages)}, lr {p.cfg.optim.lr:g}, {model.num_trainable():,} trainable "
             f"parameters")
-    else:
-        say(f"{w.world} worker(s) on {w.device.type}; {model.info.name} at {model.spec.image_size}px ({head}), "
-            f"unfreeze_depth={model.unfreeze_depth}/{len(model.stages)}, {model.num_trainable():,} trainable "
-            f"parameters; {len(w.train_loader)} batches/epoch/rank")
 
 
 def _report(train_api, metrics, rank, w, cfg, epoch, history, position, confusion) -> None:

@@ -135,12 +135,13 @@ def _run_trainer(cfg: Config, facts: dict[str, Any], callbacks: list | None, han
         return trainer.fit()
     except ray.train.TrainingFailedError as e:
         log = save_ray_log(run_dir, handle.control)
+        last = checkpoint.latest(run_dir)
+        rerun = (f"rerun the same command to resume from its last checkpoint, {last}" if last else
+                 "Ray Train recorded no checkpoint: rerun the same command to start over")
         where = f"; Ray's output of the run: {log}" if log else ""
-        if handle.stopping == "aborted":
-            raise TrainingError(f"training run {name} aborted (run folder {run_dir}; rerun the same command to "
-                                f"resume from its last checkpoint{where})") from None
-        raise TrainingError(f"training run {name} failed (run folder {run_dir}; rerun the same command to resume "
-                            f"from its last checkpoint{where}):\n{redact_text(str(e))}") from None
+        verb = "aborted" if handle.stopping == "aborted" else "failed"
+        detail = "" if verb == "aborted" else f":\n{redact_text(str(e))}"
+        raise TrainingError(f"training run {name} {verb} (run folder {run_dir}; {rerun}{where}){detail}") from None
     finally:
         printer.close()
         if log is None:

@@ -27,7 +27,7 @@ def make_scheduler(cfg: Config, space: dict | None = None):
     if cfg.tune.scheduler in ("pbt", "pb2"):
         mutations = {k: d.to_mutation() for k, d in (space or {}).items() if k not in NOT_MUTATED}
         common = {"time_attr": "epoch", "perturbation_interval": cfg.tune.perturbation_interval,
-                  "quantile_fraction": cfg.tune.quantile, "require_attrs": True}
+                  "quantile_fraction": cfg.tune.quantile, "require_attrs": True, "synch": cfg.tune.synch}
         if cfg.tune.scheduler == "pbt":
             from ray.tune.schedulers import PopulationBasedTraining
 

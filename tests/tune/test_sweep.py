@@ -128,8 +128,8 @@ def sweep_overrides(shards, storage, name, **extra) -> dict:
 
 @pytest.fixture(scope="module")
 def asha_sweep(ray_cluster, tiny_shards, tmp_path_factory):
-    """4 trials of 2 workers, one at a time on 2 CPUs: a good lr (runs to the end, sets the rungs), a tiny lr
-    (stopped at epoch 1 by ASHA), a huge lr (non-finite loss: fails) and another good lr. Four epochs, so that the
+    """3 trials of 2 workers, one at a time on 2 CPUs: a good lr (runs to the end, sets the rungs), a tiny lr
+    (stopped at epoch 1 by ASHA) and a huge lr (non-finite loss: fails). Four epochs, so that the
     stopped trial still has epochs to go when Tune's decision reaches it (~1 s after its first report)."""
     from distrain.tune import run_sweep
     from distrain.tune.sweep import own_placement_groups
@@ -137,7 +137,7 @@ def asha_sweep(ray_cluster, tiny_shards, tmp_path_factory):
     storage = tmp_path_factory.mktemp("sweeps")
     groups_before = {g["placement_group_id"] for g in own_placement_groups()}
     cfg = load_config(None, sweep_overrides(tiny_shards, storage, "asha", **{
-        "tune.space.optim.lr": "grid([0.003, 1e-7, 1e12, 0.01])", "train.epochs": 4}))
+        "tune.space.optim.lr": "grid([0.003, 1e-7, 1e12])", "train.epochs": 4}))
     sweep = run_sweep(cfg)
     return cfg, sweep, groups_before
 
@@ -150,7 +150,7 @@ def by_lr(sweep) -> dict[float, dict]:
 def test_sweep_stops_early_records_failure_and_picks_best(asha_sweep):
     cfg, sweep, _ = asha_sweep
     s, rows = sweep.summary, by_lr(sweep)
-    assert s["num_trials"] == 4 and len(rows) == 4
+    assert s["num_trials"] == 3 and len(rows) == 3
     assert rows[0.003]["status"] == "completed" and rows[0.003]["epochs"] == 4
     assert rows[0.003]["best_val_top1"] >= 0.8  # 3 learnable classes: chance is 0.33
     # lr 1e-7 learns nothing in epoch 1: below the rung set by the first trial, so ASHA stops it there; its workers
@@ -160,9 +160,8 @@ def test_sweep_stops_early_records_failure_and_picks_best(asha_sweep):
     assert rows[1e-7]["best_val_top1"] < rows[0.003]["best_val_top1"]
     # lr 1e12 makes the loss non-finite: the trial fails with the training loop's reason, the sweep goes on.
     assert rows[1e12]["status"].startswith("failed: loss/gradients became non-finite at epoch 1")
-    assert rows[0.01]["status"] in ("completed", "stopped early by ASHA")
     assert s["num_failed"] == 1 and s["num_stopped"] >= 1 and s["num_completed"] >= 1
-    assert s["best_trial"] in (rows[0.003]["trial"], rows[0.01]["trial"])
+    assert s["best_trial"] == rows[0.003]["trial"]
     assert s["best_val_top1"] == max(r["best_val_top1"] for r in sweep.table if r["best_val_top1"] is not None)
     assert s["resumed"] is False
 
