@@ -8,18 +8,12 @@ from __future__ import annotations
 
 import json
 import socket
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-CLUSTER = ROOT / "cluster"
-VENV_BIN = Path(sys.executable).parent
-RAY_PIN = next(d.split("==")[1] for d in
-               __import__("tomllib").loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-               if d.startswith("ray["))  # the Ray version the project pins (deployment files must agree)
 
 # Distinct, easily separable class colours: a small CNN learns them in a few steps from any init.
 CLASS_COLOURS = [(220, 40, 40), (40, 200, 60), (50, 70, 230), (230, 210, 40), (200, 60, 210), (40, 210, 210)]
@@ -82,32 +76,3 @@ def sparse_file(path: Path, size: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
         f.truncate(size)  # a sparse file: its size counts, no disk is used
-
-
-def run_ranks(ctx, target, world: int, args: tuple, timeout: float) -> dict:
-    """Start `world` processes `target(rank, world, *args, results)` from the multiprocessing context `ctx` and
-    collect what each puts on `results` as (rank, out); a rank that sends a traceback (a str) fails the test with
-    it, and ranks that send nothing within `timeout` s fail it as hung. Every process is reaped."""
-    import queue
-
-    import pytest
-
-    results = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(r, world, *args, results)) for r in range(world)]
-    for p in procs:
-        p.start()
-    got: dict = {}
-    try:
-        for _ in range(world):
-            rank, out = results.get(timeout=timeout)  # a hang anywhere (a rank short of batches) ends here
-            assert not isinstance(out, str), f"rank {rank} of {world} failed:\n{out}"
-            got[rank] = out
-    except queue.Empty:
-        pytest.fail(f"world size {world}: ranks {sorted(set(range(world)) - set(got))} hung (no result in "
-                    f"{timeout:g} s)")
-    finally:
-        for p in procs:
-            p.join(timeout=20)
-            if p.is_alive():
-                p.kill()
-    return got

@@ -6,6 +6,7 @@
     distrain bench gpu --out gpu.json                  the GPU acceptance run (no Ray; README "Checking a GPU machine")
     distrain bench staged                              two-phase vs one-phase vs full fine-tuning, equal budget
     distrain bench accuracy                            Fashion-MNIST: pretrained vs random init; probe vs fine-tune
+    distrain bench search [--out BENCHMARKS.md]        ASHA vs full grid; sweep best vs default; PBT vs ASHA
     distrain bench all --out BENCHMARKS.md             all of the above, written up as Markdown
 Each benchmark's options: `distrain bench NAME --help`.
 """
@@ -14,7 +15,8 @@ import importlib
 
 MODULES = {"shards": "distrain.shards.bench", "data": "distrain.data.bench", "train": "distrain.train.bench",
            "gpu": "distrain.train.bench_gpu",
-           "accuracy": "distrain.benchmarks", "staged": "distrain.benchmarks", "all": "distrain.benchmarks"}
+           "accuracy": "distrain.benchmarks", "staged": "distrain.benchmarks",
+           "search": "distrain.benchmarks", "all": "distrain.benchmarks"}
 
 
 def add_arguments(parser):
@@ -25,6 +27,6 @@ def add_arguments(parser):
 def run(args) -> int:
     module = importlib.import_module(MODULES[args.which])
     argv = list(args.rest)
-    if args.which in ("accuracy", "staged", "all"):
+    if args.which in ("accuracy", "staged", "search", "all"):
         argv = [args.which, *argv]
     return int(module.main(argv) or 0)

@@ -210,6 +210,8 @@ def run_sweep(cfg: Config, *, restart: bool = False, retry_failed: bool = False)
     total = cfg.tune.num_samples * num_grid_points(space)
     sweep_dir = sweep_dir_of(cfg)
     preflight_sweep(cfg, space, sweep_dir, restart)
+    if storage.is_empty(sweep_dir):  # a new folder: ours from now on (so --restart of a first run can remove it)
+        storage.mark(sweep_dir, "sweep", name=cfg.tune.name)
     lock = storage.RunLock(sweep_dir, "sweep", log=say)
     try:
         lock.acquire()

@@ -16,6 +16,8 @@ import json
 import math
 import multiprocessing as mp
 import os
+import queue
+import socket
 import tarfile
 import threading
 import traceback
@@ -46,7 +48,6 @@ from distrain.data.decode import decode_crop
 from distrain.data.sources import iter_samples
 from distrain.metrics import ClassificationMeter
 from distrain.shards.manifest import Manifest, ShardInfo, SplitInfo, save_manifest
-from tests.helpers import free_port, run_ranks
 
 TRAIN_SIZES = [1, 3, 50, 7, 200]   # very uneven on purpose; 261 samples
 VAL_SIZES = [5, 17, 2, 9]          # 33 samples in 4 shards: fewer shards than 3 ranks x 2 workers
@@ -111,6 +112,12 @@ def shard_keys(root: Path, split: str) -> Counter:
 def fake_predict(images: torch.Tensor) -> torch.Tensor:
     """A deterministic 'model': what matters is that every rank predicts each sample the same way."""
     return (images.float().mean((1, 2, 3)) * 7).long() % NUM_CLASSES
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +196,24 @@ def ddp_results(shards) -> dict:
     ctx.set_forkserver_preload(["torch", "torch.distributed", "distrain.data", "tests.data.test_loader"])
     all_results = {}
     for world in (1, 2, 3):
-        got = run_ranks(ctx, _rank_main, world, (free_port(), str(shards)), timeout=90)
+        results = ctx.Queue()
+        port = free_port()
+        procs = [ctx.Process(target=_rank_main, args=(r, world, port, str(shards), results)) for r in range(world)]
+        for p in procs:
+            p.start()
+        got = {}
+        try:
+            for _ in range(world):
+                rank, out = results.get(timeout=90)  # a hang anywhere (a rank short of batches) ends here
+                assert not isinstance(out, str), f"rank {rank} of {world} failed:\n{out}"
+                got[rank] = out
+        except queue.Empty:
+            pytest.fail(f"world size {world}: ranks {sorted(set(range(world)) - set(got))} hung (no result in 90 s)")
+        finally:
+            for p in procs:
+                p.join(timeout=10)
+                if p.is_alive():
+                    p.kill()
         all_results[world] = got
     return all_results
 

@@ -22,7 +22,14 @@ from pathlib import Path
 import pytest
 
 from distrain import runtime
-from tests.helpers import ROOT, VENV_BIN
+
+ROOT = Path(__file__).resolve().parents[2]
+CLUSTER = ROOT / "cluster"
+VENV_BIN = Path(sys.executable).parent
+RAY_PIN = next(d.split("==")[1] for d in
+               __import__("tomllib").loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+               if d.startswith("ray["))
+
 
 
 def _free_port() -> int:

@@ -9,6 +9,7 @@ import itertools
 import math
 import multiprocessing as mp
 import os
+import queue
 import traceback
 from datetime import timedelta
 
@@ -19,7 +20,7 @@ from distrain.config import load_config
 from distrain.device import amp_settings
 from distrain.shards.manifest import load_manifest
 from distrain.train.core import Stepper, lr_factor, param_digest, phases, setup
-from tests.helpers import fast_train_overrides, free_port, run_ranks
+from tests.helpers import fast_train_overrides, free_port
 
 
 def test_lr_schedule_warms_up_linearly_then_decays_by_cosine_to_the_floor():
@@ -141,7 +142,24 @@ def _rank(rank, world, port, shards, storage, results):
 def test_accumulation_phase_boundaries_and_stops_under_real_ddp(tiny_shards, tmp_path):
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "torch.distributed", "distrain.train.core", "tests.train.test_core"])
-    got = run_ranks(ctx, _rank, 2, (free_port(), str(tiny_shards), str(tmp_path)), timeout=240)
+    results, port, world = ctx.Queue(), free_port(), 2
+    procs = [ctx.Process(target=_rank, args=(r, world, port, str(tiny_shards), str(tmp_path), results))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    got = {}
+    try:
+        for _ in range(world):
+            rank, out = results.get(timeout=240)
+            assert not isinstance(out, str), f"rank {rank} failed:\n{out}"
+            got[rank] = out
+    except queue.Empty:
+        pytest.fail(f"ranks {sorted(set(range(world)) - set(got))} hung")
+    finally:
+        for p in procs:
+            p.join(timeout=20)
+            if p.is_alive():
+                p.kill()
     a, b = got[0], got[1]
     # accumulation = the whole batch, on both ranks, and the ranks agree
     assert a["accumulated"] == b["accumulated"]

@@ -28,7 +28,7 @@ def test_pbt_exploits_continue_from_the_donors_checkpoint(ray_cluster, tiny_shar
         "train.epochs": 2, "tune.name": "pbt", "tune.scheduler": "pbt",
         "tune.perturbation_interval": 1, "tune.synch": True, "tune.quantile": 0.25, "tune.num_samples": 1,
         "tune.space.optim.lr": "grid([0.003, 1e-7, 0.002, 3e-7])", "tune.max_concurrent_trials": 4}))
-    sweep = run_sweep(cfg)
+    sweep = run_sweep(cfg, restart=True)  # --restart of a sweep that never ran: nothing to remove but its own folder
     s = sweep.summary
     assert s["num_trials"] == 4 and s["num_failed"] == 0 and s["exploits"] >= 1, sweep.format()
     sweep_dir = Path(s["sweep_dir"])
