@@ -136,10 +136,23 @@ def asha_sweep(ray_cluster, tiny_shards, tmp_path_factory):
 
     storage = tmp_path_factory.mktemp("sweeps")
     groups_before = {g["placement_group_id"] for g in own_placement_groups()}
+    actors_before = {a.actor_id for a in live_sweep_actors()}  # earlier tests' runs: not this sweep's to release
     cfg = load_config(None, sweep_overrides(tiny_shards, storage, "asha", **{
         "tune.space.optim.lr": "grid([0.003, 1e-7, 1e12])", "train.epochs": 4}))
     sweep = run_sweep(cfg)
-    return cfg, sweep, groups_before
+    return cfg, sweep, (groups_before, actors_before)
+
+
+def _actor_name(actor) -> str:  # 'with_resources.<locals>.ResourceTrainable' → 'ResourceTrainable'
+    return actor.class_name.split(".")[-1]
+
+
+def live_sweep_actors() -> list:
+    import ray
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, limit=10_000, raise_on_missing_output=False)
+    return [a for a in actors if a.state != "DEAD" and _actor_name(a) in SWEEP_ACTORS]
 
 
 def by_lr(sweep) -> dict[float, dict]:
@@ -192,15 +205,12 @@ def test_nothing_is_left_on_the_cluster(asha_sweep):
 
     from distrain.tune.sweep import own_placement_groups
 
-    _, _, groups_before = asha_sweep
+    _, _, (groups_before, actors_before) = asha_sweep
     assert {g["placement_group_id"] for g in own_placement_groups()} <= groups_before
     actors = list_actors(address=ray.get_runtime_context().gcs_address, limit=10_000, raise_on_missing_output=False)
-    def name(actor) -> str:  # 'with_resources.<locals>.ResourceTrainable' → 'ResourceTrainable'
-        return actor.class_name.split(".")[-1]
-
-    names = {name(a) for a in actors}
+    names = {_actor_name(a) for a in actors}
     assert {"TrainController", "RayTrainWorker"} <= names and names & TRIAL_ACTORS  # the names checked are real
-    assert not [a.class_name for a in actors if a.state != "DEAD" and name(a) in SWEEP_ACTORS]
+    assert not [a.class_name for a in live_sweep_actors() if a.actor_id not in actors_before]
     deadline = time.monotonic() + 15  # freed resources reach the scheduler's view within a heartbeat or two
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
         time.sleep(0.5)
