@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+VENV_BIN = Path(sys.executable).parent
+RAY_PIN = next(d.split("==")[1] for d in
+               __import__("tomllib").loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+               if d.startswith("ray["))  # the Ray version the project pins (deployment files must agree)
 
 # Distinct, easily separable class colours: a small CNN learns them in a few steps from any init.
 CLASS_COLOURS = [(220, 40, 40), (40, 200, 60), (50, 70, 230), (230, 210, 40), (200, 60, 210), (40, 210, 210)]

@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import json
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from distrain.launch import job
-
-ROOT = Path(__file__).resolve().parents[1]
-CLUSTER = ROOT / "cluster"
-VENV_BIN = Path(sys.executable).parent
-RAY_PIN = next(d.split("==")[1] for d in
-               __import__("tomllib").loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-               if d.startswith("ray["))
-
+from tests.helpers import CLUSTER, RAY_PIN, ROOT
 
 # ------------------------------------------------------------------------------------------- deployment files
 

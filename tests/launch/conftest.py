@@ -22,14 +22,7 @@ from pathlib import Path
 import pytest
 
 from distrain import runtime
-
-ROOT = Path(__file__).resolve().parents[2]
-CLUSTER = ROOT / "cluster"
-VENV_BIN = Path(sys.executable).parent
-RAY_PIN = next(d.split("==")[1] for d in
-               __import__("tomllib").loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-               if d.startswith("ray["))
-
+from tests.helpers import ROOT, VENV_BIN
 
 
 def _free_port() -> int:

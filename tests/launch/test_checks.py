@@ -3,18 +3,9 @@
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 from distrain.launch import checks, job, probe
 from distrain.train import placement
-
-ROOT = Path(__file__).resolve().parents[2]
-CLUSTER = ROOT / "cluster"
-VENV_BIN = Path(sys.executable).parent
-RAY_PIN = next(d.split("==")[1] for d in
-               __import__("tomllib").loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-               if d.startswith("ray["))
 
 
 def test_placement_is_counted_per_node():

@@ -14,22 +14,14 @@ import os
 import re
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from distrain.launch import job as launch_job
-from tests.helpers import fast_train_overrides, sparse_file
+from tests.helpers import ROOT, VENV_BIN, fast_train_overrides, sparse_file
 from tests.launch.conftest import LocalCluster, _non_loopback_connections
-
-ROOT = Path(__file__).resolve().parents[2]
-CLUSTER = ROOT / "cluster"
-VENV_BIN = Path(sys.executable).parent
-RAY_PIN = next(d.split("==")[1] for d in
-               __import__("tomllib").loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-               if d.startswith("ray["))
 
 
 def test_connection_sampler_sees_non_loopback_connections():

@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from distrain.launch import checks, job, probe, workdir
-from tests.helpers import sparse_file
-
-ROOT = Path(__file__).resolve().parents[2]
-CLUSTER = ROOT / "cluster"
-VENV_BIN = Path(sys.executable).parent
-RAY_PIN = next(d.split("==")[1] for d in
-               __import__("tomllib").loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-               if d.startswith("ray["))
-
+from tests.helpers import CLUSTER, ROOT, sparse_file
 
 # ------------------------------------------------------------------------------------------- working directory
 
