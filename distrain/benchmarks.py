@@ -1,7 +1,7 @@
 """All benchmarks in one run, written up as BENCHMARKS.md (`make bench`), and the accuracy benchmark.
 
 Usage:
-    distrain bench all --out BENCHMARKS.md     # shards, data, Ray Train vs torchrun, accuracy, search (~100 min)
+    distrain bench all --out BENCHMARKS.md     # every benchmark below and the others (~110 min on 2 cores)
     distrain bench accuracy [--epochs 5]       # Fashion-MNIST: pretrained vs random init; probe vs partial vs full
     distrain bench staged                      # two-phase (head, then deeper) vs one phase vs full, equal budget
     distrain bench search [--out BENCHMARKS.md]  # ASHA vs grid, sweep best vs default, PBT vs ASHA (~30 min)
@@ -326,6 +326,10 @@ def write_markdown(results: dict, path: Path) -> None:
                   "full fine-tuning share a shorter budget of images. Minutes are wall time of the training command "
                   "(worker start-up included). Target: pretrained ≥ 93 % within 30 minutes, above random init.\n",
                   _table(a["rows"], cols), f"\nTarget met: **{a['target_met']}**.\n"]
+    if results.get("engines"):
+        from distrain.train.bench_engines import markdown as engines_markdown
+
+        parts += ["<!-- engines:start -->", engines_markdown(results["engines"]), "<!-- engines:end -->\n"]
     if results.get("search"):
         parts += ["<!-- search:start -->", search_markdown(results["search"]), "<!-- search:end -->\n"]
     path.write_text("\n".join(parts))
@@ -337,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="Markdown file (all)")
     parser.add_argument("--config", default="configs/fashion_mnist_cpu.yaml", help="the accuracy recipe")
     parser.add_argument("--reuse", action="store_true", help="reuse finished accuracy runs instead of retraining")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["shards", "data", "train", "accuracy", "search"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["shards", "data", "train", "engines", "accuracy",
+                                                                      "search"])
     parser.add_argument("--skip-random", action="store_true", help="accuracy: skip the random-init run")
     parser.add_argument("--search-epochs", type=int, default=9, help="search: epochs per trial")
     parser.add_argument("--search-images", type=int, default=1000, help="search: training images per epoch")
@@ -352,15 +357,10 @@ def main(argv: list[str] | None = None) -> int:
         result = search(epochs=args.search_epochs, images=args.search_images)
         section = search_markdown(result)
         print(section)
-        if args.out and Path(args.out).exists():  # replace (or add) the section in an existing write-up
-            text = Path(args.out).read_text()
-            start, end = "<!-- search:start -->", "<!-- search:end -->"
-            block = f"{start}\n{section}\n{end}"
-            text = (text[:text.index(start)] + block + text[text.index(end) + len(end):] if start in text
-                    else text.rstrip("\n") + "\n\n" + block + "\n")
-            tmp = Path(args.out).with_suffix(".md.tmp")
-            tmp.write_text(text)
-            tmp.replace(args.out)
+        if args.out:
+            from distrain import storage
+
+            storage.write_section(str(Path(args.out).absolute()), "search", section)
             log(f"wrote the search section of {args.out}")
         print(json.dumps(result, default=str), flush=True)
         return 0
@@ -390,6 +390,13 @@ def main(argv: list[str] | None = None) -> int:
         results["train"] = train_bench(log=log)
         log("\n=== Ray Train vs torchrun, 1 worker")
         results["train_1"] = train_bench(num_workers=1, train_limit=4096, log=log)
+    if "engines" not in args.skip:
+        from distrain.train.bench_engines import data_node_scaling, engines
+
+        log("\n=== data engines: loader vs ray_data")
+        shards = _shards(ROOT / "data/fashion-mnist")
+        results["engines"] = engines(shards, storage=str(Path("outputs/bench").absolute()), log=log)
+        results["engines"].update(nodes=data_node_scaling([1, 2], log=log), node_images=2048, node_image_size=64)
     if "accuracy" not in args.skip:
         log("\n=== accuracy")
         results["accuracy"] = accuracy(args.config, restart=not args.reuse, skip_random=args.skip_random)

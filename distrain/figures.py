@@ -97,6 +97,8 @@ def curves_png(history: list[dict], title: str = "") -> bytes:
     acc.annotate(f"best {100 * best['val_top1']:.2f} %", (best["epoch"], 100 * best["val_top1"]),
                  textcoords="offset points", xytext=(0, -16), ha="center", fontsize=9)
     acc.set(xlabel="epoch", ylabel="validation accuracy (%)", title="validation accuracy")
+    low, high = acc.get_ylim()
+    acc.set_ylim(max(0.0, low), min(100.5, high) if high > 100 else high)  # a percentage never leaves 0-100
     acc.legend()
     lr.plot(epochs, [h["lr"] for h in history], "o-")
     lr.set(xlabel="epoch", ylabel="learning rate (end of epoch)", title="learning rate")

@@ -29,9 +29,14 @@ def test_aws_launcher_yaml_validates_against_rays_schema():
     types = config["available_node_types"]
     head = types[config["head_node_type"]]
     assert head["resources"] == {"CPU": 0}  # no training on the head
-    gpu = [t for name, t in types.items() if name != config["head_node_type"]]
+    gpu = [t for name, t in types.items() if name != config["head_node_type"] and "labels" not in t]
     assert len(gpu) == 1 and gpu[0]["min_workers"] == 0 < gpu[0]["max_workers"] <= config["max_workers"]
     assert gpu[0]["node_config"]["InstanceType"].startswith(("g", "p"))  # a GPU instance family
+    # the optional data group of data.engine=ray_data: CPU-only, carrying the label its tasks select
+    data = [t for t in types.values() if "labels" in t]
+    assert len(data) == 1 and data[0]["labels"] == {"distrain-role": "data"} and data[0]["min_workers"] == 0
+    assert data[0]["node_config"]["InstanceType"].startswith(("c", "m"))
+    assert gpu[0]["max_workers"] + data[0]["max_workers"] <= config["max_workers"]
     assert config["docker"]["image"].endswith(":0.1.0")
     assert any("--shm-size" in o for o in config["docker"]["run_options"])
     assert "~/.ray/auth_token" in config["file_mounts"].values()
@@ -72,9 +77,15 @@ def test_kuberay_manifests_name_the_fields_kuberay_requires(name):
             images.add(c["image"])
             limits = c["resources"]["limits"]
             assert {"cpu", "memory"} <= set(limits)
-            assert ("nvidia.com/gpu" in limits) == (group != "head"), group  # GPUs on workers, not on the head
+            # GPUs on training workers; none on the head or on data.engine=ray_data's CPU-only data pods
+            assert ("nvidia.com/gpu" in limits) == (group not in ("head", "data")), group
             mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
             assert mounts[shared[0]] == "/mnt/shared", f"{group}: shared volume not mounted"
+            if group == "data":  # they decode images: no W&B key (least privilege), the label its tasks select
+                assert "env" not in c
+                data = next(g for g in spec["workerGroupSpecs"] if g["groupName"] == "data")
+                assert data["rayStartParams"] == {"labels": "distrain-role=data"}
+                continue
             key = [e for e in c["env"] if e["name"] == "WANDB_API_KEY"]
             assert key and key[0]["valueFrom"]["secretKeyRef"]["name"] == "wandb", f"{group}: no W&B secret"
             assert "value" not in key[0]  # never the key itself

@@ -50,7 +50,7 @@ def test_readme_generator_and_benchmarks_work_from_an_installed_wheel(tmp_path):
     assert check.returncode == 0, check.stderr
     out = tmp_path / "B.md"
     bench = subprocess.run([sys.executable, "-m", "distrain.benchmarks", "all", "--skip", "shards", "data", "train",
-                            "accuracy", "search", "--out", str(out)], env=env, cwd=ROOT, capture_output=True,
-                           text=True, timeout=120)
+                            "engines", "accuracy", "search", "--out", str(out)], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
     assert bench.returncode == 0, bench.stderr[-2000:]
     assert out.read_text().startswith("# Benchmarks")

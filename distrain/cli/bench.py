@@ -2,6 +2,7 @@
 
     distrain bench shards [SOURCE] [--workers 1 2]     shard-writing images/s, 1 vs 2 encode workers
     distrain bench data [--shards DIR]                 train pipeline vs torchvision ImageFolder + DataLoader
+    distrain bench data --engine ray_data              loader vs ray_data engine, same 2-worker run; data-node CPUs
     distrain bench train [--shards DIR]                Ray Train DDP vs plain torchrun DDP; time to first step
     distrain bench gpu --out gpu.json                  the GPU acceptance run (no Ray; README "Checking a GPU machine")
     distrain bench staged                              two-phase vs one-phase vs full fine-tuning, equal budget
@@ -25,8 +26,9 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    module = importlib.import_module(MODULES[args.which])
     argv = list(args.rest)
+    engine = args.which == "data" and any(a == "--engine" or a.startswith("--engine=") for a in argv)
+    module = importlib.import_module("distrain.train.bench_engines" if engine else MODULES[args.which])
     if args.which in ("accuracy", "staged", "search", "all"):
         argv = [args.which, *argv]
     return int(module.main(argv) or 0)

@@ -297,6 +297,10 @@ def _check(cfg: Config, explicit: set[str]) -> Config:
                               f"{total}) disagree: drop train.epochs (it is the phases' sum) or make them agree")
         train = dataclasses.replace(train, phases=phases, epochs=total)
     cfg = dataclasses.replace(cfg, train=train)
+    label = cfg.data.ray_data.node_label
+    if label and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/-]*=[A-Za-z0-9][A-Za-z0-9._-]*", label):
+        raise ConfigError(f"config key 'data.ray_data.node_label': {label!r} is not key=value (a Ray node label, "
+                          f"as in `ray start --labels key=value`)")
     for key in cfg.tune.space:
         if not searchable(key, cfg):
             raise ConfigError(f"config key 'tune.space': '{key}' is not a searchable config key"

@@ -49,6 +49,21 @@ class AffineConfig:
 
 
 @dataclass(frozen=True)
+class RayDataConfig:
+    """data.engine=ray_data: shards decoded and augmented in Ray Data tasks, streamed into the Train workers."""
+
+    node_label: str = opt("", "Run the read/decode tasks only on nodes with this Ray label, `key=value` (e.g. "
+                          "`distrain-role=data`, set with `ray start --labels`); the Train workers then keep off "
+                          "those nodes. Empty = any node with free CPUs.")
+    cpus_per_task: float = opt(1.0, "CPUs one read/decode task reserves (one decoding thread each).",
+                               range=(0.01, None))
+    segment_samples: int = opt(256, "Samples per read task and block: a shard is cut into segments of at most "
+                               "this many, so few large shards still spread over many tasks.", range=(1, None))
+    prefetch_batches: int = opt(2, "Batches each Train worker keeps ready ahead of the step loop.",
+                                range=(0, None))
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where the shards are and how they are streamed and augmented."""
 
@@ -83,6 +98,12 @@ class DataConfig:
                                 "unreadable (hung NFS, a FIFO, a server that stopped sending).", range=(0.1, None))
     read_retries: int = opt(3, "Retries (with backoff) of a remote shard that fails to read, before it counts "
                             "as unreadable.", range=(0, None))
+    engine: Literal["loader", "ray_data"] = opt("loader", "Who decodes and augments: `loader` = DataLoader "
+                                                "processes beside each Train worker, on its node; `ray_data` = "
+                                                "Ray Data tasks anywhere in the cluster (CPU-only nodes with "
+                                                "`data.ray_data.node_label`), streamed into the workers. README: "
+                                                "choosing an engine.")
+    ray_data: RayDataConfig = opt(RayDataConfig(), "The ray_data engine's settings (`data.ray_data.*`).")
     max_bad_shards: int = opt(-1, "Unreadable shards tolerated per epoch (skipped, refilled from the others, and "
                               "listed) before the run stops naming them; -1 = 1% of the split's shards, at least "
                               "1.", range=(-1, None))

@@ -54,6 +54,16 @@ class DecodeError(Exception):
     """An image that does not decode (corrupt, truncated, not an image)."""
 
 
+def single_threaded() -> None:
+    """One decoding thread in this process (a loader worker, a Ray Data task): the processes are the parallelism,
+    and nested thread pools only oversubscribe the cores."""
+    import torch
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)  # safe after fork: see _stop_pool_for_fork
+    cv2.ocl.setUseOpenCL(False)
+
+
 def _pil_decode(data: bytes, min_h: int = 0, min_w: int = 0) -> np.ndarray:
     from PIL import Image
 

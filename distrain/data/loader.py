@@ -26,17 +26,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from distrain.data.dataset import Batch, ShardStream, WorkerFailure
+from distrain.data.decode import single_threaded
 from distrain.data.plan import PlanError, make_plan
 from distrain.data.sources import DataError, resolve_source
 
 
 def _worker_init(_: int) -> None:
-    # One thread per worker: the workers are the parallelism; nested thread pools only oversubscribe the cores.
-    import cv2
-
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)  # safe after fork: see decode._stop_pool_for_fork
-    cv2.ocl.setUseOpenCL(False)
+    single_threaded()
 
 
 class Loader:

@@ -163,6 +163,19 @@ def write_text(url: str, text: str, redact: bool = True) -> str:
     return write_bytes(url, text.encode("utf-8"))
 
 
+def write_section(url: str, name: str, section: str) -> str:
+    """Replace the `<!-- name:start -->`...`<!-- name:end -->` block of a text file (or append it; or write the
+    file), atomically: what else the file says is kept."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{section}\n{end}"
+    text = read_text(url) if exists(url) else ""
+    if start in text and end in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = (text.rstrip("\n") + "\n\n" if text else "") + block + "\n"
+    return write_text(url, text, redact=False)
+
+
 def write_json(url: str, value: Any, redact: bool = True, indent: int | None = 2) -> str:
     """Atomic JSON file; credentials redacted in every string of `value`."""
     if redact:

@@ -63,6 +63,13 @@ class _RunControl:
     def controller(self):
         return self._controller
 
+    def set_data_epoch(self, epoch: int) -> None:
+        """data.engine=ray_data: the epoch the ranks are about to read (rank 0 posts it; data/ray_data.py)."""
+        self._data_epoch = int(epoch)
+
+    def data_epoch(self) -> int:
+        return getattr(self, "_data_epoch", 0)
+
     def request_stop(self, reason: str = "requested") -> None:
         if self.reason is None:
             self.reason, self.at = reason, time.time()

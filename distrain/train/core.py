@@ -51,6 +51,8 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
 
 def compute_threads(cfg, cpus_per_worker: float) -> int:
     """Threads for a worker's compute: its CPUs minus those its loader workers use (more only thrash)."""
+    if cfg.data.engine == "ray_data":  # its decoding runs in Ray Data tasks, on CPUs of their own
+        return max(1, int(cpus_per_worker))
     return max(1, int(cpus_per_worker) - cfg.data.loader_workers)
 
 
@@ -326,6 +328,7 @@ class Worker:
     history: list = field(default_factory=list)
     checkpoint_meta: dict | None = None
     stop_requested: Any = None  # a callable polled after every step (Tune stopped the trial, Ctrl-C)
+    make_loader: Any = None     # (manifest, loader_args) → a loader; None = create_loader (data.engine=loader)
     _state: dict | None = None  # optimizer state of the checkpoint, loaded when its phase is entered
 
     @property
@@ -346,7 +349,7 @@ class Worker:
         return changed
 
     def _enter(self, phase: Phase) -> None:
-        from distrain.data import create_loader, loader_args
+        from distrain.data import loader_args
 
         cfg = phase.cfg
         previous = self.stepper
@@ -371,7 +374,7 @@ class Worker:
         args = loader_args(cfg, rank=self.rank, world_size=self.world, image_size=self.spec.image_size,
                            crop_pct=self.spec.preprocess["crop_pct"], train=True, seed=self.seed,
                            epoch=phase.start, decode=self.decode)
-        self.train_loader = create_loader(self.manifest, **args)
+        self.train_loader = self.make_loader(self.manifest, args)
         self.stepper = Stepper(cfg, self.model, self.ddp_model, self.device, len(self.train_loader),
                                self.model.num_classes, self.prepare, phase.epochs, previous=previous)
         self.stepper.stop_requested = self.stop_requested
@@ -402,10 +405,11 @@ def check_replicas(model) -> str:
 
 
 def setup(cfg, manifest, *, rank: int = 0, world: int = 1, device: torch.device | None = None,
-          checkpoint=None, decode: str | None = None) -> Worker:
+          checkpoint=None, decode: str | None = None, make_loader=None) -> Worker:
     """Build one rank's model, DDP wrapper, loaders and stepper for `cfg` (resuming `checkpoint` if given).
     `decode`: the resolved data.decode (default: data.decode for `device`; the GPU bench passes `gpu` on a CPU to
-    test the device path there)."""
+    test the device path there). `make_loader(manifest, args)`: where batches come from (default: create_loader;
+    Ray Train's worker passes the ray_data engine's splits)."""
     from distrain.data import create_loader, loader_args
     from distrain.data.gpu import create_prepare, resolve_decode
     from distrain.models import ModelSpec, create_model
@@ -433,8 +437,9 @@ def setup(cfg, manifest, *, rank: int = 0, world: int = 1, device: torch.device 
     prepare = create_prepare(cfg.data, device, pre["mean"], pre["std"], model.spec.image_size, decode)
     val_args = loader_args(cfg, rank=rank, world_size=world, image_size=model.spec.image_size,
                            crop_pct=pre["crop_pct"], train=False, seed=seed, decode=decode)
-    val_loader = create_loader(manifest, **val_args)
+    make_loader = make_loader or (lambda m, args: create_loader(m, **args))
+    val_loader = make_loader(manifest, val_args)
     return Worker(cfg=cfg, rank=rank, world=world, device=device, manifest=manifest, model=model, ddp_model=None,
                   prepare=prepare, val_loader=val_loader, start_epoch=start_epoch, seed=seed, history=history,
-                  checkpoint_meta=meta, _state=state, decode=decode,
+                  checkpoint_meta=meta, _state=state, decode=decode, make_loader=make_loader,
                   init_from_other=bool(checkpoint is not None and getattr(checkpoint, "init", False)))

@@ -63,7 +63,13 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     device = ray.train.torch.get_device()
     manifest = load_manifest(cfg.data.shards)
     resumed = _resume_point(cfg)
-    w = setup(cfg, manifest, rank=rank, world=world, device=device, checkpoint=resumed)
+    make_loader = decode = None
+    if cfg.data.engine == "ray_data":  # batches from the run's Ray Datasets (data/ray_data.py), decoded on CPU
+        from distrain.data.ray_loader import shard_loaders
+
+        make_loader, decode = shard_loaders(loop_config["ingest"], loop_config.get("control"), rank, world), "cpu"
+    w = setup(cfg, manifest, rank=rank, world=world, device=device, checkpoint=resumed, decode=decode,
+              make_loader=make_loader)
     poller = None
     if loop_config.get("control") is not None:
         from distrain.train.control import StopPoller, worker_sink
@@ -128,6 +134,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 "global_step": w.stepper.global_step,
                 "first_step_at": first_step_at,
             }
+            if cfg.data.engine == "ray_data":  # where this epoch's training rows were decoded: node id → rows
+                metrics["decode_nodes"] = _merged_counts(all_gather(dict(w.train_loader.nodes)))
             history.append(dict(metrics))
             if skipped and rank == 0:
                 warn(f"epoch {epoch + 1}: {len(skipped)} shard(s) skipped (unreadable; their samples refilled from "
@@ -174,6 +182,14 @@ def max_bad_shards(cfg, manifest) -> int:
         return cfg.data.max_bad_shards
     n = len(manifest.shard_urls(cfg.data.train_split))
     return max(1, -(-n // 100))
+
+
+def _merged_counts(parts: list[dict]) -> dict:
+    out: dict = {}
+    for part in parts:
+        for k, v in part.items():
+            out[k] = out.get(k, 0) + v
+    return out
 
 
 def skipped_shards(w) -> list[str]:

@@ -21,7 +21,42 @@ class PlacementError(ValueError):
 
 
 def cpus_per_worker(cfg) -> float:
+    """scaling.cpus_per_worker resolved: 0 = the worker plus its loader processes (data.engine=loader), or one CPU
+    (data.engine=ray_data: decoding runs in Ray Data tasks, which reserve their own)."""
+    if cfg.data.engine == "ray_data":
+        return float(cfg.scaling.cpus_per_worker or 1)
     return float(cfg.scaling.cpus_per_worker or cfg.data.loader_workers + 1)
+
+
+def data_cpus_problem(cfg, cluster: dict, nodes: list[dict]) -> str | None:
+    """data.engine=ray_data: None when its decode tasks have CPUs to run on, else why not. With a node label they
+    run on the labelled nodes only (and the Train workers on the others); without, beside the Train workers."""
+    need = cfg.data.ray_data.cpus_per_task
+    label = cfg.data.ray_data.node_label
+    if label:
+        key, _, value = label.partition("=")
+        mine = [n for n in nodes if (n.get("labels") or {}).get(key) == value]
+        if not mine:
+            seen = sorted({f"{k}={v}" for n in nodes for k, v in (n.get("labels") or {}).items()
+                           if not k.startswith("ray.io/")})
+            return (f"data.ray_data.node_label={label}: no node of this cluster carries that label (custom labels "
+                    f"seen: {', '.join(seen) or 'none'}); start the data nodes with `ray start --labels {label}` "
+                    f"(cluster/: the data worker group), or leave the setting empty")
+        cpus = sum(n.get("CPU", 0.0) for n in mine)
+        if cpus + 1e-9 < need:
+            return (f"data.ray_data.cpus_per_task={need:g}, but the nodes labelled {label} have {cpus:g} CPUs in all")
+        others = [n for n in nodes if n not in mine]
+        total, _ = fits(cfg, others, use_gpu(cfg, cluster))
+        if total < cfg.scaling.num_workers:
+            return (f"{describe_need(cfg, use_gpu(cfg, cluster))} must keep off the {len(mine)} node(s) labelled "
+                    f"{label}, and the other {len(others)} node(s) hold {total} such worker(s)")
+        return None
+    taken = run_needs(cfg, use_gpu(cfg, cluster))["CPU"]
+    if cluster.get("CPU", 0.0) - taken + 1e-9 < need:
+        return (f"data.engine=ray_data decodes in Ray Data tasks of {need:g} CPU each (data.ray_data.cpus_per_task), "
+                f"but the Train workers reserve {taken:g} of the cluster's {cluster.get('CPU', 0):g} CPUs: lower "
+                f"scaling.cpus_per_worker or data.ray_data.cpus_per_task, or add CPU nodes (labelled for data)")
+    return None
 
 
 def use_gpu(cfg, cluster: dict) -> bool:

@@ -136,12 +136,32 @@ def check_cluster(cfg, cluster: dict[str, Any], facts: dict[str, Any] | None = N
         if problem:
             raise PreflightError(problem + ": lower scaling.num_workers or data.loader_workers, or set "
                                            "scaling.cpus_per_worker")
+    if cfg.data.engine == "ray_data":
+        check_ray_data(cfg, cluster)
     if cfg.data.decode == "gpu" and not gpu:
         raise PreflightError("data.decode=gpu decodes on the training GPU, but these workers get none "
                              f"(scaling.use_gpu={cfg.scaling.use_gpu}, cluster GPUs: {cluster.get('GPU', 0):g}): "
                              "use data.decode=auto or cpu")
     facts.update(use_gpu=gpu, resources=placement.worker_resources(cfg, gpu))
     return facts
+
+
+def check_ray_data(cfg, cluster: dict[str, Any]) -> None:
+    """data.engine=ray_data: the Ray APIs it uses, CPU decoding, the data nodes' label and CPUs (before any worker)."""
+    from distrain.data.ray_data import check_api
+
+    problem = check_api()
+    if problem:
+        raise PreflightError(problem)
+    if cfg.data.decode == "gpu":
+        raise PreflightError("data.decode=gpu decodes on the training GPU, but data.engine=ray_data decodes in Ray "
+                             "Data tasks on CPUs: use data.decode=auto or cpu, or data.engine=loader")
+    import ray
+
+    nodes = [{**n["Resources"], "labels": n.get("Labels") or {}} for n in ray.nodes() if n.get("Alive")]
+    problem = placement.data_cpus_problem(cfg, cluster, nodes)
+    if problem:
+        raise PreflightError(problem)
 
 
 def preflight(cfg, cluster: dict[str, Any], restart: bool = False) -> dict[str, Any]:

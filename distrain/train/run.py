@@ -105,12 +105,17 @@ def _run_trainer(cfg: Config, facts: dict[str, Any], callbacks: list | None, han
     from distrain.train.loop import train_loop_per_worker
 
     name, run_dir = cfg.train.name, facts["run_dir"]
+    loop_config = {"config": cfg.to_dict(), "cpus_per_worker": facts["resources"]["CPU"], "control": handle.control}
+    data: dict[str, Any] = {}
+    if cfg.data.engine == "ray_data":
+        loop_config["ingest"], data = ray_data_ingest(cfg, facts, handle.control)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "cpus_per_worker": facts["resources"]["CPU"],
-                           "control": handle.control},
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=facts["use_gpu"],
-                                     resources_per_worker=facts["resources"]),
+                                     resources_per_worker=facts["resources"],
+                                     label_selector=data.pop("label_selector", None)),
+        **data,
         # Every collective is bounded: a rank stuck in a read or lost with its node ends the attempt (and Ray
         # Train's failure handling restarts it from the last checkpoint) instead of freezing every GPU.
         torch_config=TorchConfig(timeout_s=int(cfg.scaling.collective_timeout_s)),
@@ -146,6 +151,32 @@ def _run_trainer(cfg: Config, facts: dict[str, Any], callbacks: list | None, han
         printer.close()
         if log is None:
             save_ray_log(run_dir, handle.control, only_if_quiet=True)
+
+
+def ray_data_ingest(cfg: Config, facts: dict[str, Any], clock) -> tuple[dict, dict]:
+    """data.engine=ray_data: the workers' IngestParams and the trainer's datasets, DataConfig and (with a data node
+    label) the label selector that keeps the Train workers off the data nodes."""
+    from distrain.data import ray_data
+    from distrain.data.sources import resolve_source
+    from distrain.train.core import phase_of
+
+    spec, manifest = facts["spec"], facts["manifest"]
+    size, crop = spec.image_size, spec.preprocess["crop_pct"]
+    strengths = [phase_of(cfg, e).cfg.data.aug_strength for e in range(cfg.train.epochs)]
+    ingest = {"train": ray_data.params_from_config(cfg, train=True, image_size=size, crop_pct=crop,
+                                                   strengths=strengths),
+              "val": ray_data.params_from_config(cfg, train=False, image_size=size, crop_pct=crop, strengths=[0.0])}
+    ingest["num_samples"] = {
+        "train": ray_data.split_size(resolve_source(manifest, cfg.data.train_split, check=False),
+                                     cfg.data.train_limit),
+        "val": ray_data.split_size(resolve_source(manifest, cfg.data.val_split, check=False), cfg.data.val_limit)}
+    datasets = ray_data.build_datasets(manifest, cfg.data.train_split, cfg.data.val_split, ingest["train"],
+                                       ingest["val"], clock)
+    data: dict[str, Any] = {"datasets": datasets, "dataset_config": ray_data.ingest_config()}
+    if cfg.data.ray_data.node_label:
+        key, value = ray_data.parse_label(cfg.data.ray_data.node_label)
+        data["label_selector"] = {key: f"!{value}"}
+    return ingest, data
 
 
 def save_ray_log(run_dir: str, control, only_if_quiet: bool = False) -> str | None:

@@ -262,19 +262,28 @@ def experiment_status(sweep_dir: Path) -> dict[str, str]:
     return {json.loads(t[0])["trial_id"]: json.loads(t[0])["status"] for t in data["trial_data"]}
 
 
+RESUMED_SWEEPS = {
+    # The searched key is a phase-2 key of a head-first, then-deeper recipe (issue 18): the sweep covers both.
+    "fifo": {"tune.space.train.phases.1.optim.lr": "grid([0.003, 0.002])", "tune.scheduler": "fifo",
+             "train.phases": "[{epochs: 1, model.unfreeze_depth: 0}, {epochs: 1, model.unfreeze_depth: 2}]"},
+    # Synchronous PBT, one trial at a time: the first trial pauses at epoch 1 until the second gets there, the
+    # weaker one takes over the stronger's checkpoint, and the sweep is killed after the first trial ends.
+    "pbt": {"tune.space.optim.lr": "grid([0.003, 1e-7])", "tune.scheduler": "pbt", "tune.synch": True,
+            "tune.perturbation_interval": 1, "tune.quantile": 0.5},
+}
+
+
 @pytest.mark.timeout(600)
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster, tiny_shards, tmp_path):
+@pytest.mark.parametrize("scheduler", list(RESUMED_SWEEPS))
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster, tiny_shards, tmp_path, scheduler):
     """Run the CLI in a subprocess, kill it once the first trial is recorded as finished, run it again."""
     import ray
 
     from distrain.tune.trial import attempts
 
     groups_before = live_placement_groups()
-    # The searched key is a phase-2 key of a head-first, then-deeper recipe (issue 18): the sweep covers both.
     overrides = sweep_overrides(tiny_shards, tmp_path, "resume", **{
-        "tune.space.train.phases.1.optim.lr": "grid([0.003, 0.002])", "tune.scheduler": "fifo",
-        "scaling.num_workers": 1, "tune.max_concurrent_trials": 1, "train.epochs": 2,
-        "train.phases": "[{epochs: 1, model.unfreeze_depth: 0}, {epochs: 1, model.unfreeze_depth: 2}]"})
+        "scaling.num_workers": 1, "tune.max_concurrent_trials": 1, "train.epochs": 2, **RESUMED_SWEEPS[scheduler]})
     command = [sys.executable, "-m", "distrain", "tune"] + [a for k, v in overrides.items()
                                                            for a in ("--set", f"{k}={v}")]
     # The subprocesses join this session's cluster, as `distrain tune` joins a user's cluster.
@@ -300,21 +309,23 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster
     done_name = f"trial_{done[0]}"
     done_summary = sweep_dir / "runs" / done_name / "summary.json"
     stamp = done_summary.stat().st_mtime_ns
-    assert attempts(str(sweep_dir), done_name) == 1
+    starts = attempts(str(sweep_dir), done_name)
+    assert starts == 1 if scheduler == "fifo" else starts >= 1  # (a PBT trial restarts after each pause)
 
     second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     # the console: distrain's lines (one per trial event) and the final table, not Tune's boxed tables
     lines = [ln for ln in (second.stdout + second.stderr).splitlines() if ln.strip()]
     assert len(lines) <= 80 and not [ln for ln in lines if "╭" in ln or "(RayTrainWorker" in ln], "\n".join(lines)
-    assert any(" starts: train.phases.1.optim.lr=" in ln for ln in lines), "\n".join(lines)
+    key = next(k for k in RESUMED_SWEEPS[scheduler] if k.startswith("tune.space."))[len("tune.space."):]
+    assert any(f" starts: {key}=" in ln for ln in lines), "\n".join(lines)
     figures = json.loads(second.stdout.strip().splitlines()[-1])  # the last line is the JSON
     assert figures["resumed"] is True and figures["num_trials"] == 2 and figures["num_completed"] == 2, (
         second.stdout[-3000:] + second.stderr[-2000:])  # the trial table names the other trial's status
     assert set(figures) >= {"best_val_top1", "best_config", "trials_csv", "best_model", "num_trials"}
     assert Path(figures["best_config"]).exists() and Path(figures["best_model"], "config.json").exists()
-    # The finished trial was not run again: one start, its run folder untouched.
-    assert attempts(str(sweep_dir), done_name) == 1
+    # The finished trial was not run again: no new start, its run folder untouched.
+    assert attempts(str(sweep_dir), done_name) == starts
     assert done_summary.stat().st_mtime_ns == stamp
     import csv
 
@@ -324,6 +335,10 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster
     other = next(name for name in trials if name != done_name)
     assert trials[other]["status"] == "completed" and attempts(str(sweep_dir), other) >= 1
     assert (sweep_dir / "runs" / other / "summary.json").exists()
+    assert live_placement_groups() <= groups_before  # the killed run's groups went with its job
+    if scheduler == "pbt":
+        assert "exploits" in figures and all(t["status"] == "completed" for t in trials.values())
+        return
     # each trial ran both phases, phase 2 at its own searched learning rate
     lrs = set()
     for name in trials:
@@ -331,7 +346,6 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster
         assert [h["phase"] for h in run_summary["history"]] == [1, 2]
         lrs.add(load_config(str(sweep_dir / "runs" / name / "config.yaml")).train.phases[1]["optim.lr"])
     assert lrs == {0.003, 0.002}
-    assert live_placement_groups() <= groups_before  # the killed run's groups went with its job
 
     # A changed config is refused rather than mixed into the sweep.
     changed = [*command, "--set", "optim.weight_decay=0.1"]
