@@ -22,7 +22,7 @@ RUN_ENV = HOME=$(RAY_HOME) DISTRAIN_FASHION_MNIST=$(if $(wildcard $(FMNIST_SYSTE
 .PHONY: install test demo lint bench submit readme fashion-mnist ray-home clean help gpu-wheels
 
 help:
-	@echo "make demo   - install, build Fashion-MNIST shards, sweep, train, evaluate, export (CPU, < 20 min)"
+	@echo "make demo   - install, build Fashion-MNIST shards, sweep, train, evaluate, export (CPU, ~6 min)"
 	@echo "make test   - install and run the test suite"
 	@echo "make bench  - run the benchmarks and write BENCHMARKS.md"
 	@echo "make lint   - ruff, and the README's generated blocks are up to date"

@@ -1,7 +1,7 @@
 """The embedded default end to end: Fashion-MNIST on this machine, no GPU, no internet (`make demo`).
 
 Usage:
-    distrain demo                 # ~15 minutes on 2 CPU cores; a second run reuses what is built
+    distrain demo                 # ~4.5 minutes on 2 CPU cores; a second run reuses what is built
     distrain demo --quick         # a tiny subset, one epoch per trial: the test suite runs this
 
 Steps, each printed as it starts, each reusing its output when it is already there:
@@ -24,9 +24,9 @@ from typing import Any
 
 from distrain.config import Config, load_config
 
-# The final run of the demo: the recipe of configs/fashion_mnist_cpu.yaml cut to fit the demo's 20 minutes (two
-# thirds of the training images, 3 epochs, 64 px: 3.5-7 minutes on 2 cores, depending on the unfreeze depth the sweep
-# picks); `distrain train --config configs/fashion_mnist_cpu.yaml` runs the whole recipe.
+# The final run of the demo: the recipe of configs/fashion_mnist_cpu.yaml cut to fit the demo's few minutes (two
+# thirds of the training images, 3 epochs, 64 px: 2.2 minutes on 2 cores at unfreeze depth 4, longer if the sweep
+# picks a deeper one); `distrain train --config configs/fashion_mnist_cpu.yaml` runs the whole recipe.
 DEMO_TRAIN = {"data.train_limit": 36000, "train.epochs": 3, "data.image_size": 64, "train.name": "demo_best"}
 # The quick variant: same steps, a few hundred images, one epoch per trial, two trials.
 QUICK_SWEEP = {"data.train_limit": 256, "data.val_limit": 128, "train.epochs": 1, "tune.num_samples": 2,
@@ -78,10 +78,11 @@ def run_demo(root: str | Path = ".", *, quick: bool = False, log=print) -> dict[
     runtime.connect()
     log(json.dumps(runtime.cluster_summary()))
 
-    step("sweep: learning rate × unfreeze depth × augmentation strength (Ray Tune, ASHA)")
     sweep_cfg = load_config(root / "configs/tune_fashion_mnist_cpu.yaml",
                             {"data.shards": str(shards), "scaling.storage_path": str(outputs),
                              **(QUICK_SWEEP if quick else {})})
+    step(f"sweep: learning rate × unfreeze depth × augmentation strength (Ray Tune, "
+         f"{sweep_cfg.tune.scheduler.upper()})")
     sweep = run_sweep(sweep_cfg)
     log(sweep.format())
 
@@ -114,6 +115,8 @@ def run_demo(root: str | Path = ".", *, quick: bool = False, log=print) -> dict[
         "trials_csv": sweep.summary["trials_csv"],
         "run_dir": summary["run_dir"],
         "model_dir": summary["model_dir"],
+        "curves_png": str(Path(summary["run_dir"]) / "curves.png"),
+        "sweep_png": sweep.summary.get("sweep_png", ""),
         "confusion_png": metrics["confusion_png"],
         "errors_png": metrics["errors_png"],
         "metrics_json": metrics["metrics_json"],
@@ -132,18 +135,19 @@ def run_demo(root: str | Path = ".", *, quick: bool = False, log=print) -> dict[
 def format_report(r: dict[str, Any], sweep) -> str:
     return f"""# distrain demo report
 
-Fashion-MNIST, {r['test_images']:,} test images, trained on this machine in {r['minutes']} minutes.
+Fashion-MNIST, {r['test_images']:,} test images; the whole demo ran on this machine in {r['minutes']} minutes.
 
 ## Sweep (Ray Tune)
 {sweep.format()}
 
 Best values: {', '.join(f'`{k}={v}`' for k, v in r['best_params'].items())} (val top-1 {r['sweep_best_val_top1']:.4f}
-in the sweep). Table: {r['trials_csv']}
+in the sweep). Table: {r['trials_csv']}; curves of every trial: {r['sweep_png'] or 'none'}
 
 ## Final model
 - test top-1 **{r['test_top1']:.4f}**, top-5 {r['test_top5']:.4f} (best val top-1 {r['best_val_top1']:.4f})
 - run folder: {r['run_dir']}
 - model folder: {r['model_dir']}
+- learning curves: {r['curves_png']}
 - confusion matrix: {r['confusion_png']}
 - worst misclassifications: {r['errors_png']}
 - metrics: {r['metrics_json']}

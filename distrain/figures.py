@@ -148,7 +148,12 @@ def sweep_png(trials: list[dict], params: list[str], epochs: int, title: str = "
             ax.scatter([v for v, _ in pts], [b for _, b in pts])
             positive = all(v > 0 for v, _ in pts)
             if positive and max(v for v, _ in pts) / min(v for v, _ in pts) > 20:
+                from matplotlib.ticker import LogLocator, NullFormatter
+
                 ax.set_xscale("log")
+                # decades only: the minor labels (3x10^-4, 4x10^-4, ...) overlap into an unreadable band
+                ax.xaxis.set_major_locator(LogLocator(base=10))
+                ax.xaxis.set_minor_formatter(NullFormatter())
         else:
             labels = sorted({str(v) for v, _ in pts})
             ax.scatter([labels.index(str(v)) for v, _ in pts], [b for _, b in pts])

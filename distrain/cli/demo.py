@@ -4,7 +4,7 @@ from distrain.cli import emit_json
 
 
 def add_arguments(parser):
-    parser.add_argument("--quick", action="store_true", help="a tiny subset, one epoch per trial (about 3 minutes)")
+    parser.add_argument("--quick", action="store_true", help="a tiny subset, one epoch per trial (about 1 minute)")
     parser.add_argument("--root", default=".", help="project folder holding configs/ (default: .)")
     parser.add_argument("--verbose", "-v", action="store_true", help="show Ray's own output on the console too")
 
