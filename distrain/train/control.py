@@ -224,6 +224,16 @@ class RunHandle:
             pass
         return True
 
+    def close(self) -> None:
+        """End the control actor now (the run is over). Without this a failed fit()'s actor lives on until the
+        garbage collector frees the error's traceback, which holds the handle."""
+        import ray
+
+        try:
+            ray.kill(self.control, no_restart=True)
+        except Exception:  # already gone
+            pass
+
 
 def worker_sink(control, rank: int):
     """console.set_sink for a Train worker: its lines become events of the run's control actor (fire-and-forget;

@@ -80,8 +80,13 @@ def fit(cfg: Config, *, restart: bool = False, callbacks: list | None = None, ha
         storage.write_text(storage.join(run_dir, "config.yaml"), to_yaml(cfg))
         from distrain.train.control import RunHandle
 
+        own = handle is None
         handle = handle or RunHandle()
-        result = _run_trainer(cfg, facts, callbacks, handle)
+        try:
+            result = _run_trainer(cfg, facts, callbacks, handle)
+        finally:
+            if own:  # a caller's handle is the caller's to end (a Tune trial reads its events after fit returns)
+                handle.close()
         return _finish(cfg, run_dir, result, t_start, wall_start)
     finally:
         lock.release()

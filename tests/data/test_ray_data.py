@@ -130,6 +130,7 @@ def test_preflight_names_a_missing_label_gpu_decode_and_cpus_the_workers_take(ra
         assert not list((tmp_path / "rd_pre").glob("checkpoint_*"))  # nothing started
     with pytest.raises(ConfigError, match="data.ray_data.node_label"):
         load_config(None, {**base, "data.ray_data.node_label": "no-equals-sign"})
+    assert ray_data.check_api() is None  # the installed Ray has every API the engine uses (a newer one may not)
 
 
 # A two-node cluster (head with no CPUs, a data node labelled distrain-role=data with 1 CPU, a training node with 2):
