@@ -45,6 +45,7 @@ object-store budget, so decode never runs more than a few blocks ahead of the co
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from dataclasses import dataclass
@@ -258,7 +259,8 @@ def decode_batch(batch: dict, p: IngestParams) -> dict:
         except DecodeError:
             failed.append(i)
             dropped[i] = f"{batch['url'][i]}#{batch['key'][i]}"
-    good = [i for i in range(n) if valid[i] and i not in set(failed)]
+    failed_set = set(failed)
+    good = [i for i in range(n) if valid[i] and i not in failed_set]
     for k, i in enumerate(failed):
         if not p.train:
             valid[i], labels[i] = False, PAD_LABEL
@@ -336,7 +338,7 @@ def check_api() -> str | None:
         missing.append("Dataset.map_batches(label_selector=)")
     if "equal" not in inspect.signature(ray.data.Dataset.streaming_split).parameters:
         missing.append("Dataset.streaming_split(equal=)")
-    if "label_selector" not in {f.name for f in __import__("dataclasses").fields(ScalingConfig)}:
+    if "label_selector" not in {f.name for f in dataclasses.fields(ScalingConfig)}:
         missing.append("ray.train.ScalingConfig(label_selector=)")
     if not hasattr(DataConfig, "configure"):
         missing.append("ray.train.DataConfig.configure")

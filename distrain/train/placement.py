@@ -34,7 +34,9 @@ def data_cpus_problem(cfg, cluster: dict, nodes: list[dict]) -> str | None:
     need = cfg.data.ray_data.cpus_per_task
     label = cfg.data.ray_data.node_label
     if label:
-        key, _, value = label.partition("=")
+        from distrain.data.ray_data import parse_label
+
+        key, value = parse_label(label)
         mine = [n for n in nodes if (n.get("labels") or {}).get(key) == value]
         if not mine:
             seen = sorted({f"{k}={v}" for n in nodes for k, v in (n.get("labels") or {}).items()

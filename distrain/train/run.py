@@ -171,12 +171,10 @@ def ray_data_ingest(cfg: Config, facts: dict[str, Any], clock) -> tuple[dict, di
     ingest = {"train": ray_data.params_from_config(cfg, train=True, image_size=size, crop_pct=crop,
                                                    strengths=strengths),
               "val": ray_data.params_from_config(cfg, train=False, image_size=size, crop_pct=crop, strengths=[0.0])}
-    ingest["num_samples"] = {
-        "train": ray_data.split_size(resolve_source(manifest, cfg.data.train_split, check=False),
-                                     cfg.data.train_limit),
-        "val": ray_data.split_size(resolve_source(manifest, cfg.data.val_split, check=False), cfg.data.val_limit)}
-    datasets = ray_data.build_datasets(manifest, cfg.data.train_split, cfg.data.val_split, ingest["train"],
-                                       ingest["val"], clock)
+    splits = {"train": resolve_source(manifest, cfg.data.train_split, check=False),
+              "val": resolve_source(manifest, cfg.data.val_split, check=False)}
+    ingest["num_samples"] = {k: ray_data.split_size(shards, ingest[k].limit) for k, shards in splits.items()}
+    datasets = {k: ray_data.build_dataset(shards, ingest[k], clock) for k, shards in splits.items()}
     data: dict[str, Any] = {"datasets": datasets, "dataset_config": ray_data.ingest_config()}
     if cfg.data.ray_data.node_label:
         key, value = ray_data.parse_label(cfg.data.ray_data.node_label)
